@@ -1,0 +1,65 @@
+"""Safe file output shared by convert, quantize and pull: free-space checks and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from . import constants
+from .errors import DiskSpaceError, UsageError
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_free_space(directory: Path, needed: int, *, what: str = "the output") -> None:
+    """Raise DiskSpaceError unless `needed` bytes (plus a margin) fit in `directory`."""
+    directory = Path(directory)
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + constants.DISK_SPACE_MARGIN_BYTES > free:
+        raise DiskSpaceError(
+            f"{what} needs {human_bytes(needed)} but only {human_bytes(free)} is free in {directory}; "
+            "free some space or choose another output directory"
+        )
+
+
+def refuse_same_file(output: Path, *inputs: Path) -> None:
+    """Writing over an input would destroy it mid-read: refuse before anything is opened."""
+    out = Path(output)
+    for src in inputs:
+        src = Path(src)
+        same = out.resolve() == src.resolve()
+        if not same and out.exists() and src.exists():
+            same = os.path.samefile(out, src)
+        if same:
+            raise UsageError(f"output {out} is the same file as input {src}; choose another output path")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
+
+    A failure or interruption removes the temporary file, so nothing incomplete is ever left
+    under the final name (and an existing file there is untouched until the rename).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny QwQ-shaped checkpoints and the GGUFs made from them, built once per
+test session with the project's own converter and quantizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qwq_local.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny checkpoint converted to a bf16 GGUF."""
+    from qwq_local.convert import convert
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-bf16.gguf"
+    convert(tiny_checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_f32(tmp_path_factory, tiny_checkpoint) -> Path:
+    from qwq_local.convert import convert
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-f32.gguf"
+    convert(tiny_checkpoint, out, outtype="f32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_q4km(tmp_path_factory, tiny_gguf) -> Path:
+    """Q4_K_M of the tiny model: the quantized case that trips llama.cpp's AMX kernel."""
+    from qwq_local.quantize import quantize
+
+    out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-Q4_K_M.gguf"
+    quantize(tiny_gguf, out, qtype="Q4_K_M")
+    return out
