@@ -1,0 +1,483 @@
+"""The one place that drives llama.cpp (through llama-cpp-python's low-level ctypes API).
+
+Everything that loads a model or a context goes through here, so that:
+- llama.cpp's log goes to a ring buffer (shown with QWQ_LOCAL_DEBUG=1, quoted in errors);
+- every load validates the file first (our own GGUF checks, and a first load in a child
+  process, so an abort() inside llama.cpp cannot kill the caller);
+- extra buffer types (weight repacking: AMX and friends) are used only where a cached probe in a
+  child process showed that they work. On CPUs that advertise AMX, this llama.cpp's AMX kernel
+  faults on quantized prompt batches (SIGSEGV/SIGILL in `ldtilecfg`), also inside many VMs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from . import constants
+from .errors import RuntimeLoadError, UsageError
+
+_LOCK = threading.Lock()
+_LOG: collections.deque[str] = collections.deque(maxlen=2000)
+_CAPTURES: list[list[str]] = []
+_STATE: dict[str, Any] = {}
+
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+
+
+def llama():
+    """Import llama_cpp once, route its log to our buffer, initialise the backend."""
+    lib = _STATE.get("lib")
+    if lib is not None:
+        return lib
+    with _LOCK:
+        if "lib" in _STATE:
+            return _STATE["lib"]
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def _on_log(level: int, text: bytes, user_data) -> None:
+            line = text.decode("utf-8", errors="replace") if text else ""
+            _LOG.append(line)
+            for sink in _CAPTURES:
+                sink.append(line)
+            if constants.debug_enabled():
+                sys.stderr.write(line)
+
+        _STATE["log_cb"] = _on_log  # a ctypes callback must outlive every call into llama.cpp
+        llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _STATE["lib"] = llama_cpp
+        return llama_cpp
+
+
+def log_tail(lines: int = 20) -> str:
+    """The last lines llama.cpp logged, for error messages."""
+    text = "".join(list(_LOG)[-lines * 4:])
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def capture_log() -> Iterator[list[str]]:
+    """Collect everything llama.cpp logs inside the block (used to read its buffer sizes)."""
+    sink: list[str] = []
+    _CAPTURES.append(sink)
+    try:
+        yield sink
+    finally:
+        _CAPTURES.remove(sink)
+
+
+def system_info() -> str:
+    return llama().llama_print_system_info().decode("utf-8", errors="replace")
+
+
+def llama_cpp_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - editable builds
+        return getattr(llama(), "__version__", "unknown")
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra buffer types (AMX / repack): probed once per llama.cpp build and CPU, in a child process
+# ---------------------------------------------------------------------------------------------
+
+def _cpu_identity() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    model = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return model + "|" + hashlib.sha256(flags.encode()).hexdigest()[:16]
+
+
+def cpu_advertises_amx() -> bool:
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_tile" in flags.split()
+
+
+def _probe_cache() -> Path:
+    return constants.cache_dir() / "extra_bufts_probe.json"
+
+
+def extra_bufts_allowed() -> bool:
+    """Whether loading with extra buffer types is safe on this machine.
+
+    QWQ_LOCAL_AMX=off|on overrides; otherwise a child process decodes a quantized batch with
+    them on, once per (llama-cpp-python version, CPU); a crash there means "not safe".
+    """
+    forced = os.environ.get(constants.ENV_AMX, "").strip().lower()
+    if forced in {"off", "0", "false", "no"}:
+        return False
+    if forced in {"on", "1", "true", "yes"}:
+        return True
+    cached = _STATE.get("extra_bufts")
+    if cached is not None:
+        return cached
+    key = f"{llama_cpp_version()}|{_cpu_identity()}"
+    path = _probe_cache()
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    if isinstance(record, dict) and record.get("key") == key and isinstance(record.get("ok"), bool):
+        ok = record["ok"]
+    else:
+        result = probe_extra_bufts()
+        ok = result["ok"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, **result}))
+        os.replace(tmp, path)
+    _STATE["extra_bufts"] = ok
+    return ok
+
+
+def probe_extra_bufts(*, command: Sequence[str] | None = None, timeout: float = 120.0) -> dict:
+    """Run the probe child (or `command`, for tests) and classify how it ended."""
+    if command is None:
+        model = _write_probe_model(constants.cache_dir() / "probe-q4_0.gguf")
+        command = [sys.executable, "-m", "qwq_local.backend", "--probe-extra-bufts", str(model)]
+    try:
+        proc = subprocess.run(list(command), capture_output=True, timeout=timeout, text=True,
+                              env={**os.environ, constants.ENV_AMX: ""})
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"probe timed out after {timeout:.0f}s"}
+    if proc.returncode == 0 and "probe-ok" in proc.stdout:
+        return {"ok": True, "reason": "quantized batch decoded with extra buffer types"}
+    if proc.returncode < 0:
+        import signal
+
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else str(-proc.returncode)
+        return {"ok": False, "reason": f"probe child killed by {name} (llama.cpp's AMX/repack kernel faults here)"}
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"ok": False, "reason": f"probe child exited {proc.returncode}: {' | '.join(tail)}"}
+
+
+def _write_probe_model(path: Path) -> Path:
+    """A minimal Q4_0 qwen2 GGUF: enough for llama.cpp to pick its AMX/repack kernels."""
+    if path.exists():
+        return path
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n_embd, n_ff, n_head, n_kv, n_vocab = 256, 512, 4, 2, 257
+    head_dim = n_embd // n_head
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp), "qwen2")
+    w.add_name("qwq-local extra buffer probe")
+    w.add_context_length(512)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(1)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    from gguf.vocab import bytes_to_unicode  # type: ignore[attr-defined]
+
+    byte_tokens = [bytes_to_unicode()[b] for b in range(256)]
+    w.add_token_list(byte_tokens + ["ab"])  # llama.cpp refuses a BPE vocabulary without merges
+    w.add_token_types([1] * n_vocab)
+    w.add_token_merges(["a b"])
+    w.add_eos_token_id(0)
+
+    def q4(shape):
+        data = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])).astype(np.float32)
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q4_0)
+
+    def f32(shape, scale=1.0):
+        return (1.0 + scale * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", q4((n_vocab, n_embd)), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    for name, shape in (("attn_q", (n_embd, n_embd)), ("attn_k", (n_kv * head_dim, n_embd)),
+                        ("attn_v", (n_kv * head_dim, n_embd)), ("attn_output", (n_embd, n_embd)),
+                        ("ffn_gate", (n_ff, n_embd)), ("ffn_up", (n_ff, n_embd)), ("ffn_down", (n_embd, n_ff))):
+        w.add_tensor(f"blk.0.{name}.weight", q4(shape), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    for name, n in (("attn_q", n_embd), ("attn_k", n_kv * head_dim), ("attn_v", n_kv * head_dim)):
+        w.add_tensor(f"blk.0.{name}.bias", f32((n,), 0.0) - 1.0)
+    w.add_tensor("blk.0.attn_norm.weight", f32((n_embd,), 0.1))
+    w.add_tensor("blk.0.ffn_norm.weight", f32((n_embd,), 0.1))
+    w.add_tensor("output_norm.weight", f32((n_embd,), 0.1))
+    w.add_tensor("output.weight", q4((n_vocab, n_embd)), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def _probe_main(model_path: str) -> int:
+    model = Model.load(Path(model_path), validate=False, extra_bufts=True)
+    ctx = Context(model, n_ctx=256, n_batch=64, n_ubatch=64, n_threads=1)
+    ctx.decode(list(range(64)), start_pos=0)
+    ctx.close()
+    model.close()
+    print("probe-ok")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and contexts
+# ---------------------------------------------------------------------------------------------
+
+class Model:
+    """A loaded llama.cpp model. Use `Model.load(...)`; close() (or `with`) frees it."""
+
+    def __init__(self, ptr, path: Path, *, extra_bufts: bool, n_gpu_layers: int):
+        lib = llama()
+        self.ptr = ptr
+        self.path = path
+        self.extra_bufts = extra_bufts
+        self.n_gpu_layers = n_gpu_layers
+        self.vocab = lib.llama_model_get_vocab(ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lib.llama_model_n_ctx_train(ptr)
+        self.n_embd = lib.llama_model_n_embd(ptr)
+        self.n_layer = lib.llama_model_n_layer(ptr)
+        self._piece_cache: dict[int, bytes] = {}
+
+    @classmethod
+    def load(cls, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+             vocab_only: bool = False, validate: bool = True, extra_bufts: bool | None = None) -> "Model":
+        path = Path(path)
+        if not path.is_file():
+            from .errors import ModelNotFoundError
+
+            raise ModelNotFoundError(f"no model file at {path}")
+        if validate:
+            from .gguf_check import ensure_loadable
+
+            ensure_loadable(path)
+        lib = llama()
+        if extra_bufts is None:
+            extra_bufts = extra_bufts_allowed()
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = int(n_gpu_layers)
+        params.use_mmap = use_mmap
+        params.vocab_only = vocab_only
+        params.use_extra_bufts = bool(extra_bufts)
+        ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise RuntimeLoadError(f"llama.cpp could not load {path}: {log_tail(3) or 'no log'}")
+        return cls(ptr, path, extra_bufts=bool(extra_bufts), n_gpu_layers=int(n_gpu_layers))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama().llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(65536)
+        n = llama().llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama().llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        lib = llama()
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (lib.llama_token * cap)()
+            n = lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = True) -> bytes:
+        """The bytes a token stands for (cached: generation calls this once per token)."""
+        key = token if special else -token - 1
+        piece = self._piece_cache.get(key)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama().llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama().llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            piece = buf.raw[:n]
+            self._piece_cache[key] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama().llama_vocab_is_eog(self.vocab, token))
+
+
+class Context:
+    """A llama.cpp context (KV cache + compute buffers) on a Model, with one reusable batch."""
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int = constants.DEFAULT_N_BATCH,
+                 n_ubatch: int | None = None, n_threads: int | None = None,
+                 n_threads_batch: int | None = None, type_k: str = "f16", type_v: str = "f16",
+                 flash_attn: bool | None = None, yarn: dict | None = None, logits_all: bool = False):
+        lib = llama()
+        if type_k not in GGML_TYPES or type_v not in GGML_TYPES:
+            raise UsageError(f"unknown KV cache type {type_k}/{type_v}; use one of {', '.join(constants.KV_TYPES)}")
+        threads = n_threads or default_threads()
+        params = lib.llama_context_default_params()
+        params.n_ctx = int(n_ctx)
+        params.n_batch = int(min(n_batch, n_ctx))
+        params.n_ubatch = int(min(n_ubatch or n_batch, n_batch, n_ctx))
+        params.n_seq_max = 1
+        params.n_threads = threads
+        params.n_threads_batch = n_threads_batch or threads
+        params.type_k = GGML_TYPES[type_k]
+        params.type_v = GGML_TYPES[type_v]
+        if flash_attn is not None:
+            params.flash_attn_type = 1 if flash_attn else 0
+        if yarn:
+            params.rope_scaling_type = 2  # LLAMA_ROPE_SCALING_TYPE_YARN
+            params.rope_freq_scale = float(yarn["freq_scale"])
+            params.yarn_orig_ctx = int(yarn["orig_ctx"])
+            params.yarn_ext_factor = float(yarn.get("ext_factor", -1.0))
+        params.no_perf = False
+        self.model = model
+        self.params = params
+        self.ptr = lib.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise RuntimeLoadError(
+                f"llama.cpp could not create a context of {n_ctx} tokens for {model.path}: "
+                f"{log_tail(3) or 'no log'} (try a smaller --ctx or a q8_0 KV cache)")
+        self.n_ctx = lib.llama_n_ctx(self.ptr)
+        self.n_batch = lib.llama_n_batch(self.ptr)
+        self.logits_all = logits_all
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        for i in range(self.n_batch):
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
+        self.n_past = 0
+
+    def close(self) -> None:
+        lib = llama()
+        if getattr(self, "_batch", None) is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self.ptr:
+            lib.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def decode(self, tokens: Sequence[int], *, start_pos: int | None = None, logits: str = "last") -> None:
+        """Feed tokens at positions start_pos.. (default: after what is cached), in batches.
+
+        logits: "last" (only the final token's), "all" (every token's, read with logits(i)
+        for i in range(len(tokens)) of the final batch), or "none".
+        """
+        lib = llama()
+        pos = self.n_past if start_pos is None else start_pos
+        if pos + len(tokens) > self.n_ctx:
+            from .errors import ContextOverflowError
+
+            raise ContextOverflowError(
+                f"{pos + len(tokens)} tokens do not fit the context of {self.n_ctx}; raise n_ctx or shorten the input")
+        batch = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(tokens)
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = pos + start + i
+                batch.logits[i] = logits == "all" or (logits == "last" and last_chunk and i == len(chunk) - 1)
+            batch.n_tokens = len(chunk)
+            rc = lib.llama_decode(self.ptr, batch)
+            if rc != 0:
+                raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
+        self.n_past = pos + len(tokens)
+
+    def decode_one(self, token: int) -> None:
+        """The generation hot path: one token, logits on, no Python loops."""
+        batch = self._batch
+        batch.token[0] = token
+        batch.pos[0] = self.n_past
+        batch.logits[0] = True
+        batch.n_tokens = 1
+        rc = llama().llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
+        self.n_past += 1
+
+    def logits(self, i: int = -1):
+        """A numpy float32 view of the logits of output i (-1: the last one decoded)."""
+        import numpy as np
+
+        ptr = llama().llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise RuntimeLoadError(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def truncate(self, n_keep: int) -> None:
+        """Drop cached positions >= n_keep (keep a shared prefix between chat turns)."""
+        lib = llama()
+        mem = lib.llama_get_memory(self.ptr)
+        if n_keep <= 0:
+            lib.llama_memory_clear(mem, True)
+        else:
+            lib.llama_memory_seq_rm(mem, 0, n_keep, -1)
+        self.n_past = max(0, min(self.n_past, n_keep))
+
+
+def default_threads() -> int:
+    """Physical-ish core count: llama.cpp generation slows down on hyperthreads."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # pragma: no cover - psutil missing or unsupported platform
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+if __name__ == "__main__":  # the probe child: python -m qwq_local.backend --probe-extra-bufts MODEL
+    if len(sys.argv) == 3 and sys.argv[1] == "--probe-extra-bufts":
+        sys.exit(_probe_main(sys.argv[2]))
+    sys.exit(2)
