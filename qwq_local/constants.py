@@ -30,6 +30,17 @@ STOP_STRINGS = (IM_END, ENDOFTEXT)
 # What the runtime appends when a thinking budget runs out.
 THINKING_CLOSE_TEXT = "\n" + THINK_CLOSE + "\n\n"
 
+# --- Chat template sandbox (a template inside a GGUF is untrusted code) ----------------------
+TEMPLATE_CHOICES = ("original", "gguf")  # or a path to a .jinja file
+DEFAULT_TEMPLATE_CHOICE = "original"
+TEMPLATE_RENDER_TIMEOUT_S = 5.0
+# Bound on the rendered prompt and on any string/list a template builds while rendering:
+# far above what fits 131072 tokens, far below what hurts memory.
+TEMPLATE_MAX_CHARS = 8_000_000
+TEMPLATE_MAX_SOURCE_CHARS = 1_000_000
+# Variables transformers passes to every template (the tokenizer's special_tokens_map).
+TEMPLATE_SPECIAL_TOKENS = {"eos_token": IM_END, "pad_token": ENDOFTEXT}
+
 # --- Sampling (model card: never greedy, no repeat penalty, this sampler order) -------------
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.95
@@ -55,7 +66,46 @@ GGUF_ALIGNMENT = 32
 # Bound on a safetensors header (the format's own reference limit is 100 MB).
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# Source dtypes the converter reads (safetensors spelling) and the files it downloads.
+CONVERT_SOURCE_DTYPES = ("BF16", "F16", "F32")
+HF_ALLOW_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "README.md")
+# Qwen2's pre-tokenizer split; tokenizer.ggml.pre=qwen2 makes llama.cpp apply exactly this.
+QWEN2_PRETOKENIZER_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 DISK_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
+
+# --- Hub: pull / list / model names ---------------------------------------------------------
+DEFAULT_QUANT = "Q4_K_M"
+# "qwq" alone or "qwq:<quant>" names a quant of QWQ_GGUF_REPO_ID; other repos are "owner/name:<quant>".
+MODEL_NAME_PREFIX = "qwq"
+# Records of GGUFs whose sha256 matched (under cache_dir()), keyed by blob path + size + mtime.
+VERIFIED_RECORD_FILE = "verified.json"
+# huggingface_hub's own switch; read again at call time so setting it after import still counts.
+ENV_HF_OFFLINE = "HF_HUB_OFFLINE"
+
+# --- Untrusted model files (gguf_check / safe_load) ------------------------------------------
+# One GGUF string (a key, a token, the chat template) larger than this is refused: real ones
+# are at most a few hundred KB, and the bound keeps a hostile header from filling memory.
+GGUF_MAX_STRING_BYTES = 64 * 1024 * 1024
+# Bound on the whole header region (key/values + tensor infos); QwQ-32B's is under 7 MB.
+GGUF_MAX_HEADER_BYTES = 512 * 1024 * 1024
+# Records of GGUFs that loaded in a child process (under cache_dir()), keyed by path + size +
+# mtime + header hash + llama-cpp-python version.
+VALIDATED_RECORD_FILE = "validated.json"
+VALIDATED_RECORD_MAX = 256
+# The child load is metadata-only (no_alloc), so even a 20 GB file takes seconds.
+LOAD_CHECK_TIMEOUT_S = 300.0
+
+# --- Quantization and quality evaluation ----------------------------------------------------
+# QwQ-32B's dimensions (config.json), for size predictions without the 65 GB input.
+QWQ_32B_DIMS = {"n_layer": 64, "hidden": 5120, "ffn": 27648, "vocab": 152064, "n_head": 40, "n_head_kv": 8}
+DEFAULT_QUANT_TYPE = "Q4_K_M"
+# The quants a release publishes by default (Qwen/QwQ-32B-GGUF's set).
+RELEASE_QUANTS = ("Q4_K_M", "Q5_0", "Q5_K_M", "Q6_K", "Q8_0")
+DEFAULT_EVAL_CTX = 512
+QUANTIZE_POLL_S = 0.1
 
 # --- Environment variables ------------------------------------------------------------------
 ENV_DEBUG = "QWQ_LOCAL_DEBUG"
