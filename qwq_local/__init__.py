@@ -44,6 +44,7 @@ _LAZY = {
     "inspect_gguf": "gguf_check",
     "pull": "hub",
     "resolve_model": "hub",
+    "list_models": "hub",
 }
 
 __all__ = [
