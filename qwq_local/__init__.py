@@ -42,6 +42,7 @@ _LAZY = {
     "evaluate": "evaluate",
     "plan": "plan",
     "inspect_gguf": "gguf_check",
+    "ensure_loadable": "safe_load",
     "pull": "hub",
     "resolve_model": "hub",
     "list_models": "hub",
