@@ -36,6 +36,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "QwQ": "runtime",
     "Reply": "runtime",
+    "Event": "runtime",
+    "Cancel": "runtime",
     "render_prompt": "template",
     "convert": "convert",
     "quantize": "quantize",

@@ -278,7 +278,8 @@ class Model:
             extra_bufts = extra_bufts_allowed()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
-        params.use_mmap = use_mmap
+        # This llama.cpp has no use_mmap flag: load_mode AUTO maps the file where it can.
+        params.load_mode = lib.LLAMA_LOAD_MODE_AUTO if use_mmap else lib.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only
         params.use_extra_bufts = bool(extra_bufts)
         ptr = lib.llama_model_load_from_file(str(path).encode(), params)
@@ -350,7 +351,8 @@ class Context:
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = constants.DEFAULT_N_BATCH,
                  n_ubatch: int | None = None, n_threads: int | None = None,
                  n_threads_batch: int | None = None, type_k: str = "f16", type_v: str = "f16",
-                 flash_attn: bool | None = None, yarn: dict | None = None, logits_all: bool = False):
+                 flash_attn: bool | None = None, yarn: dict | None = None, logits_all: bool = False,
+                 rope_none: bool = False):
         lib = llama()
         if type_k not in GGML_TYPES or type_v not in GGML_TYPES:
             raise UsageError(f"unknown KV cache type {type_k}/{type_v}; use one of {', '.join(constants.KV_TYPES)}")
@@ -371,6 +373,9 @@ class Context:
             params.rope_freq_scale = float(yarn["freq_scale"])
             params.yarn_orig_ctx = int(yarn["orig_ctx"])
             params.yarn_ext_factor = float(yarn.get("ext_factor", -1.0))
+        elif rope_none:
+            # Ignore rope scaling a GGUF may carry in its metadata (QwQ: YaRN only beyond 32k).
+            params.rope_scaling_type = 0  # LLAMA_ROPE_SCALING_TYPE_NONE
         params.no_perf = False
         self.model = model
         self.params = params
