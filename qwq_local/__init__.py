@@ -39,10 +39,6 @@ _LAZY = {
     "Event": "runtime",
     "Cancel": "runtime",
     "render_prompt": "template",
-    "convert": "convert",
-    "quantize": "quantize",
-    "evaluate": "evaluate",
-    "plan": "plan",
     "inspect_gguf": "gguf_check",
     "ensure_loadable": "safe_load",
     "pull": "hub",
@@ -50,8 +46,20 @@ _LAZY = {
     "list_models": "hub",
 }
 
+# These functions share their module's name: importing them here (cheap: their heavy
+# dependencies load lazily) keeps `qwq_local.convert` the function even after
+# `import qwq_local.convert` has run, which would otherwise rebind it to the module.
+from .convert import convert  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .plan import plan  # noqa: E402
+from .quantize import quantize  # noqa: E402
+
 __all__ = [
     *_LAZY,
+    "convert",
+    "evaluate",
+    "plan",
+    "quantize",
     "BadModelFileError",
     "CheckpointError",
     "ContextOverflowError",

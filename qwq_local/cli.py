@@ -76,21 +76,531 @@ def progress_bar(desc: str, *, unit: str = "B"):
 # convert (issue: convert)
 # ============================================================================================
 
+
+@command("convert")
+def convert_cmd(
+    src: str = typer.Argument(constants.QWQ_REPO_ID, help="Checkpoint directory or Hugging Face repo id."),
+    output: Path = typer.Option(..., "-o", "--output", help="The GGUF file to write."),
+    outtype: str = typer.Option(constants.DEFAULT_OUTTYPE, "--outtype",
+                                help=f"Tensor type: {' | '.join(constants.OUTTYPES)} (bf16 is lossless for QwQ)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    name: Optional[str] = typer.Option(None, "--name", help="general.name to record in the file."),
+) -> None:
+    """Convert a Hugging Face QwQ/Qwen2 checkpoint (safetensors) to GGUF, streaming and atomically."""
+    import time
+
+    from .convert import convert
+    from .fileutil import human_bytes
+
+    started = time.perf_counter()
+    with progress_bar("convert") as progress:
+        path = convert(src, output, outtype=outtype, progress=progress, revision=revision, name=name)
+    elapsed = time.perf_counter() - started
+    from .gguf_check import inspect_gguf
+
+    typer.echo(f"wrote {path} ({human_bytes(path.stat().st_size)}, {len(inspect_gguf(path).tensors)} tensors, "
+               f"{outtype}) in {elapsed:.1f} s")
+
+
 # ============================================================================================
 # quantize / eval (issue: quantize)
 # ============================================================================================
+
+
+@command("quantize")
+def quantize_cmd(
+    input: Optional[Path] = typer.Argument(None, help="The GGUF to quantize (bf16/f16/f32)."),
+    output: Optional[Path] = typer.Argument(None, help="The quantized GGUF to write."),
+    qtype: Optional[str] = typer.Option(None, "--type", "-t", help="Q4_K_M, Q8_0, IQ4_XS, ... (--list shows all)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix .gguf or .dat)."),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="ggml type for output.weight."),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",
+                                                       help="ggml type for token_embd.weight."),
+    pure: bool = typer.Option(False, "--pure", help="No k-quant mixture: every tensor gets the base type."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads (default: physical cores)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print predicted sizes; write nothing."),
+    list_types: bool = typer.Option(False, "--list", help="List every type with bpw and predicted size "
+                                                          "(for IN if given, else for QwQ-32B)."),
+) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (identical to llama-quantize's output)."""
+    from .errors import UsageError
+    from .fileutil import human_bytes
+    from .quantize import plan_quantize, predict_sizes, quantize
+
+    if list_types:
+        source = "QwQ-32B (published shape)" if input is None else input
+        typer.echo(_prediction_table(predict_sizes(input), None, source))
+        return
+    if input is None or qtype is None:
+        raise UsageError("usage: qwq-local quantize IN.gguf OUT.gguf --type Q4_K_M (or --list)")
+    options = dict(qtype=qtype, imatrix=imatrix, output_tensor_type=output_tensor_type,
+                   token_embedding_type=token_embedding_type, pure=pure)
+    if dry_run:
+        plan = plan_quantize(input, output=output, **options)
+        table = predict_sizes(input, has_imatrix=True if imatrix else None, pure=pure,
+                              output_tensor_type=plan.output_tensor_type,
+                              token_embedding_type=plan.token_embedding_type)
+        typer.echo(_prediction_table(table, plan.qtype.name, input))
+        mix = ", ".join(f"{t} x{n}" for t, n in plan.type_counts.items())
+        typer.echo(f"\n{plan.qtype.name}: {human_bytes(plan.predicted_bytes)} ({plan.bpw:.2f} bpw); tensors: {mix}")
+        for w in plan.warnings:
+            typer.echo(f"warning: {w}", err=True)
+        typer.echo("dry run: nothing written")
+        return
+    if output is None:
+        raise UsageError("give the output file: qwq-local quantize IN.gguf OUT.gguf --type " + qtype)
+    with progress_bar(f"quantize {qtype}", unit="tensor") as progress:
+        result = quantize(input, output, threads=threads, progress=progress, **options)
+    for w in result.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(f"wrote {result.output} ({result.qtype}, {human_bytes(result.bytes)}, predicted "
+               f"{human_bytes(result.predicted_bytes)}) in {result.seconds:.1f} s")
+
+
+def _prediction_table(predictions, chosen: Optional[str], source) -> str:
+    from .fileutil import human_bytes
+
+    lines = [f"predicted sizes for {source}:", f"  {'type':<10} {'bpw':>6} {'size':>11}  imatrix"]
+    for p in predictions:
+        mark = "*" if p.type == chosen else " "
+        if p.bytes is None:
+            lines.append(f"{mark} {p.type:<10} {'-':>6} {'n/a':>11}  (llama.cpp cannot make it from these shapes)")
+            continue
+        need = "required" if p.requires_imatrix else ""
+        lines.append(f"{mark} {p.type:<10} {p.bpw:6.2f} {human_bytes(p.bytes):>11}  {need}".rstrip())
+    return "\n".join(lines)
+
+
+@command("eval")
+def eval_cmd(
+    model: List[Path] = typer.Option(..., "--model", "-m", help="A quantized GGUF to score (repeatable)."),
+    reference: Path = typer.Option(..., "--reference", "-r", help="The reference GGUF (usually bf16)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text to score on (default: shipped text)."),
+    ctx: int = typer.Option(constants.DEFAULT_EVAL_CTX, "--ctx", help="Window size in tokens."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    gpu_layers: int = typer.Option(0, "--gpu-layers", help="Layers to offload to a GPU (GPU builds of llama.cpp)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+    plot: Optional[Path] = typer.Option(None, "--plot",
+                                        help="Write KLD vs file size: .svg (built in) or .png (matplotlib)."),
+) -> None:
+    """Quality of quants vs a reference: mean/99% KL divergence, top-1 agreement, perplexities."""
+    import json
+
+    from .evaluate import evaluate, format_table
+
+    if plot is not None:
+        from .evalplot import check_plot_target
+
+        check_plot_target(plot)
+    with progress_bar("eval", unit="window") as progress:
+        results = evaluate(model, reference=reference, text=text, n_ctx=ctx, chunks=chunks, threads=threads,
+                           n_gpu_layers=gpu_layers, progress=progress)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        typer.echo(format_table(results))
+    if plot is not None:
+        from .evalplot import write_plot
+
+        write_plot(results, plot)
+        if not as_json:
+            typer.echo(f"wrote {plot}")
+
 
 # ============================================================================================
 # run / chat / bench / demo (issue: runtime)
 # ============================================================================================
 
+
+def _load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int], seed: Optional[int],
+                template: str, kv_type: str, flash_attn: Optional[bool] = None):
+    from .runtime import QwQ
+
+    return QwQ.load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
+                    kv_type=kv_type, flash_attn=flash_attn)
+
+
+def _sampling_options(*, max_tokens, thinking_budget, temperature, top_p, top_k, min_p, presence_penalty, seed,
+                      ignore_eos) -> dict:
+    return {"max_tokens": max_tokens, "thinking_budget": thinking_budget, "temperature": temperature,
+            "top_p": top_p, "top_k": top_k, "min_p": min_p, "presence_penalty": presence_penalty, "seed": seed,
+            "ignore_eos": ignore_eos}
+
+
+_MODEL_OPT = typer.Option(..., "-m", "--model", help="A .gguf file or a cached name such as qwq:q4_k_m.")
+_CTX_OPT = typer.Option(constants.DEFAULT_N_CTX, "--ctx", help="Context length in tokens (up to 131072; YaRN above 32768).")
+_GPU_OPT = typer.Option("auto", "--gpu-layers", help="Layers to offload to the GPU: auto, or a number (0: CPU only, -1: all).")
+_THREADS_OPT = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
+_TEMPLATE_OPT = typer.Option(constants.DEFAULT_TEMPLATE_CHOICE, "--template",
+                             help="Chat template: original (QwQ's released one), gguf (the file's), or a .jinja path.")
+_KV_OPT = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 or q4_0.")
+_FA_OPT = typer.Option(None, "--flash-attn/--no-flash-attn", help="Flash attention (default: llama.cpp decides).")
+_MAX_OPT = typer.Option(None, "--max-tokens", help="Cap on generated tokens, thought included (default: until the context is full).")
+_BUDGET_OPT = typer.Option(None, "--thinking-budget", help="Cap on thinking tokens; then the thought is closed and the model answers.")
+_TEMP_OPT = typer.Option(constants.DEFAULT_TEMPERATURE, "--temperature")
+_TOP_P_OPT = typer.Option(constants.DEFAULT_TOP_P, "--top-p")
+_TOP_K_OPT = typer.Option(constants.DEFAULT_TOP_K, "--top-k")
+_MIN_P_OPT = typer.Option(constants.DEFAULT_MIN_P, "--min-p")
+_PRESENCE_OPT = typer.Option(constants.DEFAULT_PRESENCE_PENALTY, "--presence-penalty")
+_SEED_OPT = typer.Option(None, "--seed", help="Sampling seed (default: random).")
+_SYSTEM_OPT = typer.Option(None, "--system", help="System prompt.")
+_IGNORE_EOS_OPT = typer.Option(False, "--ignore-eos", help="Keep generating past end tokens (until --max-tokens or "
+                                                             "the context end), as llama.cpp's --ignore-eos.")
+
+
+@command("run")
+def run_cmd(
+    prompt: str = typer.Argument(..., help="The user message ('-' reads it from stdin)."),
+    model: str = _MODEL_OPT,
+    system: Optional[str] = _SYSTEM_OPT,
+    ctx: int = _CTX_OPT,
+    gpu_layers: str = _GPU_OPT,
+    threads: Optional[int] = _THREADS_OPT,
+    max_tokens: Optional[int] = _MAX_OPT,
+    thinking_budget: Optional[int] = _BUDGET_OPT,
+    temperature: float = _TEMP_OPT,
+    top_p: float = _TOP_P_OPT,
+    top_k: int = _TOP_K_OPT,
+    min_p: float = _MIN_P_OPT,
+    presence_penalty: float = _PRESENCE_OPT,
+    seed: Optional[int] = _SEED_OPT,
+    template: str = _TEMPLATE_OPT,
+    kv_type: str = _KV_OPT,
+    flash_attn: Optional[bool] = _FA_OPT,
+    ignore_eos: bool = _IGNORE_EOS_OPT,
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the thought."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (thinking, content, tool_calls, "
+                                                      "finish_reason, usage, timings)."),
+) -> None:
+    """Answer one prompt: the thought on stderr (dimmed), the answer on stdout."""
+    import json
+
+    from .cli_chat import Printer, stream_reply
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    options = _sampling_options(max_tokens=max_tokens, thinking_budget=thinking_budget, temperature=temperature,
+                                top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
+                                ignore_eos=ignore_eos)
+    with _load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
+                     kv_type=kv_type, flash_attn=flash_attn) as llm:
+        if as_json:
+            reply = llm.chat(messages, **options)
+            typer.echo(json.dumps(reply.to_dict(), ensure_ascii=False))
+            return
+        printer = Printer(thought_stream=sys.stderr, answer_stream=sys.stdout, show_thinking=not hide_thinking)
+        reply = stream_reply(llm, messages, printer, options=options)
+    if reply.tool_calls:
+        for call in reply.tool_calls:
+            typer.echo(f"tool call: {call['function']['name']}({call['function']['arguments']})")
+    if reply.finish_reason == "length":
+        _err(f"[stopped at the token limit after {reply.usage['completion_tokens']} tokens]")
+
+
+@command("chat")
+def chat_cmd(
+    model: str = _MODEL_OPT,
+    system: Optional[str] = _SYSTEM_OPT,
+    ctx: int = _CTX_OPT,
+    gpu_layers: str = _GPU_OPT,
+    threads: Optional[int] = _THREADS_OPT,
+    max_tokens: Optional[int] = _MAX_OPT,
+    thinking_budget: Optional[int] = _BUDGET_OPT,
+    temperature: float = _TEMP_OPT,
+    top_p: float = _TOP_P_OPT,
+    top_k: int = _TOP_K_OPT,
+    min_p: float = _MIN_P_OPT,
+    presence_penalty: float = _PRESENCE_OPT,
+    seed: Optional[int] = _SEED_OPT,
+    template: str = _TEMPLATE_OPT,
+    kv_type: str = _KV_OPT,
+    flash_attn: Optional[bool] = _FA_OPT,
+    ignore_eos: bool = _IGNORE_EOS_OPT,
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Start with the thought hidden (/think show)."),
+) -> None:
+    """Interactive chat with history (/help inside for commands; Ctrl-C stops an answer)."""
+    from .cli_chat import repl
+
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    options = _sampling_options(max_tokens=max_tokens, thinking_budget=thinking_budget, temperature=temperature,
+                                top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
+                                ignore_eos=ignore_eos)
+    with _load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
+                     kv_type=kv_type, flash_attn=flash_attn) as llm:
+        code = repl(llm, system=system, options=options, show_thinking=not hide_thinking)
+    raise typer.Exit(code)
+
+
+@command("bench")
+def bench_cmd(
+    model: str = _MODEL_OPT,
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length for pp (tokens/s, batched)."),
+    gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens to generate for tg (tokens/s, one at a time)."),
+    threads: Optional[int] = _THREADS_OPT,
+    gpu_layers: str = _GPU_OPT,
+    kv_type: str = _KV_OPT,
+    repetitions: int = typer.Option(1, "--repetitions", "-r", help="Runs to average."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Prompt (pp) and generation (tg) speed, like llama-bench."""
+    import json
+
+    ctx = prompt_tokens + gen_tokens + 16
+    with _load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=0, template="original",
+                     kv_type=kv_type) as llm:
+        result = llm.bench(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repetitions=repetitions)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"model      {result['model']}")
+    typer.echo(f"threads    {result['threads']}   gpu layers {result['gpu_layers']}   "
+               f"extra buffers (AMX/repack) {'on' if result['extra_bufts'] else 'off'}")
+    typer.echo(f"pp{prompt_tokens:<7} {result['pp_tps']:10.1f} tokens/s")
+    typer.echo(f"tg{gen_tokens:<7} {result['tg_tps']:10.1f} tokens/s")
+
+# ============================================================================================
+# demo (lead)
+# ============================================================================================
+
+
+@command("demo")
+def demo_cmd(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where the demo files go (default: ~/.cache/qwq-local/demo)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens to generate in the chat turn."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Offline demo: tiny QwQ-shaped checkpoint -> GGUF -> Q4_K_M -> one chat turn."""
+    from .demo import DEMO_QUESTION, run_demo
+
+    typer.echo("qwq-local demo: the QwQ-32B pipeline on a tiny random-weight model (offline)")
+
+    def show(stage) -> None:
+        typer.echo(f"[{stage.name:>10}] {stage.seconds:7.2f}s  {stage.detail}")
+
+    result = run_demo(workdir=workdir, max_tokens=max_tokens, seed=seed, on_stage=show)
+    reply = result.reply
+    typer.echo(f"\nuser: {DEMO_QUESTION}")
+    typer.echo(f"thinking ({reply.usage.get('thinking_tokens', '?')} tokens): {reply.thinking!r}")
+    typer.echo(f"answer: {reply.content!r}")
+    timings = reply.timings
+    typer.echo(f"speed: prompt {timings.get('prompt_tps', 0):.1f} tok/s, generation {timings.get('gen_tps', 0):.1f} tok/s")
+    typer.echo("(random weights: the words are noise; the template, thinking split and pipeline are real)")
+    typer.echo(f"try: qwq-local run -m {result.workdir / 'tiny-qwq-Q4_K_M.gguf'} \"Hello\"")
+
+
 # ============================================================================================
 # info / plan / doctor (issue: plan + untrusted files)
 # ============================================================================================
 
+@command("info")
+def info_cmd(
+    model: str = typer.Argument(..., help="A .gguf file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    load_check: bool = typer.Option(
+        False, "--load-check", help="Also test-load it with llama.cpp in a child process (remembered per file)."),
+) -> None:
+    """Validate a GGUF file (header, tensors, vocabulary, chat template) and summarise it."""
+    import json
+
+    from .gguf_check import inspect_gguf
+    from .safe_load import ensure_loadable, is_validated
+
+    path = Path(model)
+    info = ensure_loadable(path) if load_check else inspect_gguf(path)
+    summary = info.summary()
+    summary["load_checked"] = is_validated(path, info)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    typer.echo(_format_info(summary))
+
+
+def _format_info(s: dict) -> str:
+    from .fileutil import human_bytes
+
+    def num(value) -> str:
+        return "-" if value is None else str(value)
+
+    heads = num(s["head_count"]) + (f" (KV heads {s['head_count_kv']})" if s["head_count_kv"] is not None else "")
+    types = ", ".join(f"{name} x{n}" for name, n in s["tensor_types"].items()) or "-"
+    rows = [
+        ("file", s["path"]),
+        ("size", f"{human_bytes(s['file_size'])} (GGUF v{s['gguf_version']}, {s['n_tensors']} tensors, "
+                 f"data from byte {s['data_offset']})"),
+        ("architecture", num(s["architecture"])),
+        ("name", num(s["name"])),
+        ("quant", s["quant"] + (f" (general.file_type {s['file_type']})" if s["file_type"] is not None else "")),
+        ("parameters", f"{s['n_params'] / 1e9:.2f} B" if s["n_params"] >= 10**8 else f"{s['n_params']:,}"),
+        ("context length", num(s["context_length"])),
+        ("layers", num(s["block_count"])),
+        ("attention heads", heads),
+        ("embedding", num(s["embedding_length"])),
+        ("vocabulary", "-" if s["vocab_size"] is None else f"{s['vocab_size']} tokens"),
+        ("chat template", s["chat_template"]),
+        ("tensor types", types),
+        ("load check", "passed" if s["load_checked"] else "not run yet (--load-check, or any load, runs it)"),
+    ]
+    lines = [f"{key:<16}{value}" for key, value in rows]
+    lines += [f"warning: {w}" for w in s["warnings"]]
+    return "\n".join(lines)
+
+
+@command("plan")
+def plan_cmd(
+    model: str = typer.Option(..., "-m", "--model", help="A .gguf file or a model name (qwq:q4_k_m)."),
+    ctx: int = typer.Option(constants.DEFAULT_N_CTX, "--ctx", help="Context length in tokens."),
+    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 or q4_0."),
+    flash_attn: Optional[bool] = typer.Option(
+        None, "--flash-attn/--no-flash-attn", help="Flash attention (default: auto, which is on)."),
+    gpu_layers: str = typer.Option("0", "--gpu-layers", help="auto, all, or a number of layers."),
+    n_batch: int = typer.Option(constants.DEFAULT_N_BATCH, "--batch", help="Logical batch size."),
+    n_ubatch: int = typer.Option(constants.DEFAULT_N_UBATCH, "--ubatch", help="Physical batch size."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Free GPU memory to plan for (24G, 8GiB...); default: this machine's."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Available RAM to plan for; default: this machine's."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Take compute buffers from llama.cpp itself (metadata-only load, no weights read)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show the memory llama.cpp will need per device for MODEL with these settings."""
+    import json
+
+    from .hardware import parse_size
+    from .hub import resolve_model
+    from .plan import plan
+
+    p = plan(resolve_model(model), n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
+             n_batch=n_batch, n_ubatch=n_ubatch, gpu_layers=gpu_layers,
+             vram=parse_size(vram) if vram else None, ram=parse_size(ram) if ram else None, dry_run=dry_run)
+    if as_json:
+        typer.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    typer.echo(_format_plan(p.to_dict()))
+
+
+def _format_plan(d: dict) -> str:
+    from .fileutil import human_bytes
+
+    rows = [("weights", "weights_bytes"), ("KV cache", "kv_bytes"), ("compute", "compute_bytes"),
+            ("output", "output_bytes"), ("total", "total_bytes")]
+    lines = [f"model       {d['model']}",
+             f"settings    n_ctx {d['n_ctx']}" + (f" (asked {d['n_ctx_requested']})" if d["n_ctx"] != d["n_ctx_requested"] else "")
+             + f", kv {d['kv_type']}, flash attention {'on' if d['flash_attn'] else 'off'}, "
+             f"batch {d['n_batch']}/{d['n_ubatch']}, gpu layers {d['gpu_layers']} of {d['n_layer'] + 1}"
+             + (", CPU weights repacked" if d["repack"] else "")
+             + (f"; compute from {d['compute_source']}" if d["compute_source"] != "formula" else ""),
+             "",
+             f"{'':<10}{'CPU (RAM)':>14}{'GPU':>14}{'total':>14}"]
+    for label, key in rows:
+        part = d[key]
+        lines.append(f"{label:<10}{human_bytes(part['cpu']):>14}{human_bytes(part['gpu']):>14}{human_bytes(part['total']):>14}")
+    lines.append(f"\nllama.cpp will log {human_bytes(d['logged_total_bytes'])} of buffers "
+                 "(memory-mapped weights count their whole file span)")
+    verdict = "fits" if d["fits"] else "does NOT fit"
+    lines.append(f"{verdict}: {d['reason']}")
+    return "\n".join(lines)
+
+
+@command("doctor")
+def doctor_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Check this machine: llama.cpp backend, GPU offload, memory, AMX, and what QwQ-32B fits."""
+    import json
+
+    from .hardware import report
+
+    r = report()
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    typer.echo(_format_doctor(r))
+
+
+def _format_doctor(r: dict) -> str:
+    from .fileutil import human_bytes
+
+    lines = [f"llama-cpp-python  {r['llama_cpp_python']} built with {' + '.join(r['backends'])}",
+             f"GPU offload       {'supported' if r['gpu_offload'] else 'NOT supported by this build'}"]
+    for name, cmd in r["reinstall"].items():
+        lines.append(f"  for {name}: {cmd}")
+    lines.append(f"RAM               {human_bytes(r['ram']['available'])} available of {human_bytes(r['ram']['total'])}")
+    if not r["gpus"]:
+        lines.append("GPUs              none found (NVML, nvidia-smi, Metal)")
+    for g in r["gpus"]:
+        lines.append(f"GPU {g['index']}             {g['name']} ({g['backend']}): {human_bytes(g['free'])} free "
+                     f"of {human_bytes(g['total'])} [{g['source']}]")
+    amx = r["amx"]
+    bufts = {True: "on", False: "off", None: "unknown"}[amx["extra_buffer_types"]]
+    lines.append(f"AMX               {'advertised' if amx['advertised'] else 'not advertised'} by the CPU; "
+                 f"extra buffer types (repack/AMX) {bufts}"
+                 + (f" (forced by {amx['override']})" if amx["override"] else "")
+                 + (f"; probe: {amx['probe_reason']}" if amx["probe_reason"] else ""))
+    rec = r["recommendation"]
+    if rec["quant"]:
+        lines.append(f"QwQ-32B           {rec['quant']} at context {rec['n_ctx']} in {rec['where']}: needs "
+                     f"~{human_bytes(rec['need_bytes'])} of {human_bytes(rec['budget_bytes'])} usable "
+                     f"(get it: {rec['pull']})")
+    else:
+        lines.append(f"QwQ-32B           does not fit: even IQ2_XXS at context 4096 needs ~{human_bytes(rec['need_bytes'])}, "
+                     f"{human_bytes(rec['budget_bytes'])} usable")
+    return "\n".join(lines)
+
+
 # ============================================================================================
 # pull / list (issue: hub)
 # ============================================================================================
+
+
+@command("pull")
+def hub_pull(
+    quant: str = typer.Option(constants.DEFAULT_QUANT, "--quant", "-q", help="llama.cpp type of the GGUF to fetch."),
+    repo: str = typer.Option(constants.QWQ_GGUF_REPO_ID, "--repo", help="Hub repository holding the GGUFs."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+) -> None:
+    """Download a GGUF into the Hugging Face cache (resumable) and verify its sha256.
+    Works offline for models already cached."""
+    from .hub import pull, recorded_sha256, split_parts
+
+    with progress_bar(f"pull {quant}") as progress:
+        path = pull(quant=quant, repo_id=repo, revision=revision, progress=progress)
+    for part in split_parts(path):
+        typer.echo(f"verified sha256 {recorded_sha256(part)}  {part.name}")
+    typer.echo(str(path))
+
+
+@command("list")
+def hub_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Show the GGUF models in the local Hugging Face cache."""
+    import json
+
+    from .fileutil import human_bytes
+    from .hub import list_models
+    from .hub_cache import hub_cache_dir
+
+    models = list_models()
+    if as_json:
+        typer.echo(json.dumps([m.to_dict() for m in models], indent=2))
+        return
+    if not models:
+        typer.echo(f"no GGUF models in {hub_cache_dir()}; fetch one with `qwq-local pull --quant {constants.DEFAULT_QUANT}`")
+        return
+    rows = [("NAME", "QUANT", "SIZE", "VERIFIED", "PATH")] + [
+        (
+            m.name or "-",
+            m.quant or "?",
+            human_bytes(m.size),
+            ("yes" if m.verified else "no") + ("" if m.complete else " (incomplete)"),
+            str(m.path),
+        )
+        for m in models
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
 
 
 def main() -> None:

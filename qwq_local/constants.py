@@ -66,6 +66,10 @@ GGUF_ALIGNMENT = 32
 # Bound on a safetensors header (the format's own reference limit is 100 MB).
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# Type conversion works on row chunks of this many source bytes, in parallel threads (each
+# holds one chunk and its temporaries, about 8x its size for q8_0).
+CONVERT_CHUNK_BYTES = 4 * 1024 * 1024
+CONVERT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 # Source dtypes the converter reads (safetensors spelling) and the files it downloads.
 CONVERT_SOURCE_DTYPES = ("BF16", "F16", "F32")
 HF_ALLOW_PATTERNS = ("*.safetensors", "*.json", "*.jinja", "README.md")
@@ -91,6 +95,9 @@ ENV_HF_OFFLINE = "HF_HUB_OFFLINE"
 GGUF_MAX_STRING_BYTES = 64 * 1024 * 1024
 # Bound on the whole header region (key/values + tensor infos); QwQ-32B's is under 7 MB.
 GGUF_MAX_HEADER_BYTES = 512 * 1024 * 1024
+# Bound on one metadata array (QwQ's vocabulary has 152064 tokens): each element becomes a
+# Python object, so this, not the byte bound, is what limits memory for arrays of tiny items.
+GGUF_MAX_ARRAY_LENGTH = 4 * 1024 * 1024
 # Records of GGUFs that loaded in a child process (under cache_dir()), keyed by path + size +
 # mtime + header hash + llama-cpp-python version.
 VALIDATED_RECORD_FILE = "validated.json"
@@ -106,6 +113,37 @@ DEFAULT_QUANT_TYPE = "Q4_K_M"
 RELEASE_QUANTS = ("Q4_K_M", "Q5_0", "Q5_K_M", "Q6_K", "Q8_0")
 DEFAULT_EVAL_CTX = 512
 QUANTIZE_POLL_S = 0.1
+
+# --- Memory plan and doctor -----------------------------------------------------------------
+# Published QwQ-32B GGUF sizes in bytes (reference README): official Qwen/QwQ-32B-GGUF, then
+# community imatrix quants. The doctor and InsufficientMemoryError suggest quants from these.
+QWQ_GGUF_SIZES = {
+    "Q8_0": 34_800_000_000, "Q6_K": 26_900_000_000, "Q5_K_M": 23_300_000_000,
+    "Q5_0": 22_600_000_000, "Q4_K_M": 19_900_000_000,
+}
+QWQ_COMMUNITY_GGUF_SIZES = {
+    "Q4_K_S": 18_900_000_000, "IQ4_XS": 17_800_000_000, "Q3_K_M": 16_000_000_000,
+    "IQ3_XXS": 12_900_000_000, "Q2_K": 12_400_000_000, "IQ2_M": 11_400_000_000,
+    "IQ2_XXS": 9_100_000_000,
+}
+# 64 layers x 8 KV heads x 128 x 2 (K,V) x 2 bytes.
+QWQ_KV_BYTES_PER_TOKEN_F16 = 256 * 1024
+# llama.cpp rounds n_ctx up to a multiple of this (llama-context.cpp: GGML_PAD(n_ctx, 256)).
+LLAMA_CTX_PAD = 256
+# Kept free on each device beyond the plan: CUDA/Metal contexts and driver buffers take a few
+# hundred MiB of VRAM; the OS, Python and page-cache churn need some RAM.
+PLAN_VRAM_MARGIN_BYTES = 768 * 1024 * 1024
+PLAN_RAM_MARGIN_BYTES = 1024 * 1024 * 1024
+# Contexts the automatic fit tries, largest first, before giving up at its floor.
+PLAN_MIN_CTX = 4096
+# Weight types this llama.cpp repacks into CPU_REPACK buffers on x86-64 with AVX2/AVX-512
+# (observed: Q4_0 and Q4_K are repacked, Q8_0/Q6_K/F16/BF16 are not).
+CPU_REPACK_TYPES = ("Q4_0", "Q4_K", "IQ4_NL")
+# Apple GPUs may use about this share of unified memory (Metal's recommendedMaxWorkingSetSize
+# is ~2/3 of RAM on small machines and ~3/4 on 36 GB and up; llama.cpp reports that value).
+METAL_WORKING_SET_SHARE_SMALL = 2 / 3
+METAL_WORKING_SET_SHARE_LARGE = 3 / 4
+METAL_LARGE_MEMORY_BYTES = 36 * 1024**3
 
 # --- Environment variables ------------------------------------------------------------------
 ENV_DEBUG = "QWQ_LOCAL_DEBUG"

@@ -46,12 +46,10 @@ def _gpu_layers(choice: int | str, path: Path, *, n_ctx: int, kv_type: str, flas
         if choice < -1:
             raise UsageError(f"gpu_layers must be 'auto', -1 (all) or >= 0, not {choice}")
         return choice, n_ctx, f"{choice} GPU layers as asked"
-    if not backend.llama().llama_supports_gpu_offload():
-        return 0, n_ctx, "this llama-cpp-python has no GPU offload: CPU only"
-    try:
-        from .plan import auto_gpu_layers
-    except ImportError:  # pragma: no cover - plan is part of the package
-        return 0, n_ctx, "no memory planner: CPU only"
+    from .plan import auto_gpu_layers
+
+    # Also on CPU-only builds: the planner then checks the model fits in RAM (and refuses
+    # with alternatives) instead of letting the kernel kill the process mid-load.
     fit = auto_gpu_layers(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch)
     return int(fit.gpu_layers), min(int(fit.n_ctx), n_ctx), fit.reason
 

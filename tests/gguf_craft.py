@@ -5,6 +5,7 @@ llama.cpp's tests/test-gguf.cpp (which no well-behaved writer would produce)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -193,3 +194,47 @@ def base_tensors() -> tuple[list[bytes], bytes]:
 def valid_raw(**build_kw) -> bytes:
     infos, data = base_tensors()
     return build(base_kvs(), infos, data, **build_kw)
+
+
+def write_sparse_gguf(path: Path, shape) -> Path:
+    """A GGUF with `shape`'s header and a hole where the tensor data would be: llama.cpp's dry
+    run reads only the header, so QwQ-32B's real tensor list costs no disk space."""
+    import gguf
+    import numpy as np
+
+    from qwq_local.quant_types import ggml_row_bytes
+
+    by_name = {t.name: t for t in shape.tensors}
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(shape.n_layer)
+    w.add_context_length(4096)
+    w.add_embedding_length(by_name["token_embd.weight"].ne[0])
+    w.add_feed_forward_length(by_name["blk.0.ffn_up.weight"].ne[1])
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    data = 0
+    for t in shape.tensors:
+        nbytes = int(np.prod(t.ne[1:])) * ggml_row_bytes(t.type, t.ne[0])
+        w.add_tensor_info(t.name, tuple(reversed(t.ne)), np.float32 if t.type == "F32" else np.float16, nbytes,
+                          raw_dtype=gguf.GGMLQuantizationType[t.type])
+        data += -(-nbytes // 32) * 32
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.truncate(end + (-end % 32) + data)
+    return path
+
+
+def sparse_files_work(directory: Path) -> bool:
+    probe = directory / "sparse-probe"
+    with open(probe, "wb") as f:
+        f.truncate(256 << 20)
+    sparse = os.stat(probe).st_blocks * 512 < (1 << 20)
+    probe.unlink()
+    return sparse

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from gguf_craft import sparse_files_work, write_sparse_gguf
+
 from qwq_local import backend
 from qwq_local.cli import app
 from qwq_local.errors import QuantizeError, QwQLocalError, UsageError
@@ -290,58 +292,14 @@ def test_interrupted_run_leaves_nothing(k_gguf, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _write_sparse_gguf(path: Path, shape) -> Path:
-    """A GGUF with `shape`'s header and a hole where the tensor data would be: llama.cpp's dry
-    run reads only the header, so QwQ-32B's real tensor list costs no disk space."""
-    import gguf
-    import numpy as np
-
-    from qwq_local.quant_types import ggml_row_bytes
-
-    by_name = {t.name: t for t in shape.tensors}
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_block_count(shape.n_layer)
-    w.add_context_length(4096)
-    w.add_embedding_length(by_name["token_embd.weight"].ne[0])
-    w.add_feed_forward_length(by_name["blk.0.ffn_up.weight"].ne[1])
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_head_kv)
-    w.add_rope_freq_base(1e6)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
-    data = 0
-    for t in shape.tensors:
-        nbytes = int(np.prod(t.ne[1:])) * ggml_row_bytes(t.type, t.ne[0])
-        w.add_tensor_info(t.name, tuple(reversed(t.ne)), np.float32 if t.type == "F32" else np.float16, nbytes,
-                          raw_dtype=gguf.GGMLQuantizationType[t.type])
-        data += -(-nbytes // 32) * 32
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
-    with open(path, "r+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        f.truncate(end + (-end % 32) + data)
-    return path
-
-
-def _sparse_files_work(directory: Path) -> bool:
-    probe = directory / "sparse-probe"
-    with open(probe, "wb") as f:
-        f.truncate(256 << 20)
-    sparse = os.stat(probe).st_blocks * 512 < (1 << 20)
-    probe.unlink()
-    return sparse
-
-
 def test_qwq_32b_types_match_llama_cpp_dry_run(tmp_path):
     """QwQ-32B's exact tensor list (64 layers: the layer-position rules of the k-quant mixes)
     through llama.cpp's own dry run, for every type."""
-    if _sparse_files_work(tmp_path):
+    if sparse_files_work(tmp_path):
         shape = qwen2_shape(n_layer=64, hidden=5120, ffn=27648, vocab=152064, n_head=40, n_head_kv=8)
     else:  # same layer count and head ratio, tiny widths (a real 65 GB file is out of the question)
         shape = qwen2_shape(n_layer=64, hidden=256, ffn=512, vocab=512, n_head=8, n_head_kv=2)
-    src = _write_sparse_gguf(tmp_path / "qwq-shape.gguf", shape)
+    src = write_sparse_gguf(tmp_path / "qwq-shape.gguf", shape)
     shape = read_shape(src)
     assert shape.n_layer == 64 and shape.n_gqa in (5, 4)
     lib = backend.llama()

@@ -1,0 +1,345 @@
+"""The memory plan against what llama.cpp really allocates (CPU loads here), llama.cpp's GPU
+layer-placement rules, the automatic fit and its refusal, and the `plan` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qwq_local import InsufficientMemoryError, UsageError
+from qwq_local.cli import app
+from qwq_local.hardware import parse_size
+from qwq_local.plan import auto_gpu_layers, layer_of, pad_ctx, plan, read_shape
+from qwq_local.plan_measure import measure
+from qwq_local.testing import make_tiny_checkpoint
+
+GiB = 1024**3
+BIG = 1 << 42  # "plenty": keeps fitting out of the way where a test is about arithmetic
+
+
+@pytest.fixture(scope="module")
+def mid_bf16(tmp_path_factory):
+    """A mid-size QwQ-shaped model (hidden 1024, 4 layers, FFN 4096, 16/4 heads): big enough
+    that llama.cpp's fixed overheads do not dominate the totals."""
+    from qwq_local.convert import convert
+
+    d = tmp_path_factory.mktemp("mid")
+    ckpt = make_tiny_checkpoint(d / "ckpt", hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                                num_key_value_heads=4, intermediate_size=4096)
+    return convert(ckpt, d / "mid-bf16.gguf")
+
+
+@pytest.fixture(scope="module")
+def mid_quants(tmp_path_factory, mid_bf16):
+    from qwq_local.quantize import quantize
+
+    d = tmp_path_factory.mktemp("midq")
+    out = {"bf16": mid_bf16}
+    for q in ("Q8_0", "Q4_K_M"):
+        quantize(mid_bf16, d / f"mid-{q}.gguf", qtype=q)
+        out[q] = d / f"mid-{q}.gguf"
+    return out
+
+
+CASES = [
+    # (quant, n_ctx, kv_type, flash_attn, n_ubatch)
+    ("bf16", 512, "f16", None, 512),
+    ("bf16", 2048, "f16", False, 512),
+    ("bf16", 300, "f16", None, 512),  # batch clamped to the asked context, then n_ctx -> 512
+    ("Q8_0", 4096, "q8_0", None, 512),
+    ("Q8_0", 1000, "f16", True, 128),
+    ("Q4_K_M", 8192, "f16", None, 512),
+    ("Q4_K_M", 2048, "q4_0", True, 256),
+    ("Q4_K_M", 8192, "f16", False, 512),
+]
+
+
+@pytest.mark.parametrize("quant,n_ctx,kv_type,flash_attn,n_ubatch", CASES)
+def test_plan_matches_llama_cpp_within_3_percent(mid_quants, quant, n_ctx, kv_type, flash_attn, n_ubatch):
+    path = mid_quants[quant]
+    got = measure(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_ubatch=n_ubatch, validate=False)
+    p = plan(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_ubatch=n_ubatch, vram=0, ram=BIG)
+    assert p.n_ctx == got.n_ctx == pad_ctx(n_ctx)
+    assert sum(p.kv.values()) == got.kind("KV")  # exact: cells x row sizes
+    # Weights as logged (mapped span + repacked copies); 2-decimal MiB log rounding only.
+    assert abs(sum(p.weights_logged.values()) - got.kind("model")) <= 0.002 * got.kind("model") + 20_000
+    assert abs(sum(p.output.values()) - got.kind("output")) <= 6_000
+    # The compute formula is calibrated, not exact (allocator fragmentation): 8% on this shape.
+    assert abs(sum(p.compute.values()) - got.kind("compute")) <= 0.08 * got.kind("compute")
+    assert abs(p.logged_total_bytes - got.total) <= 0.03 * got.total, (p.to_dict(), got.buffers)
+
+
+def test_tiny_model_total_within_3_percent(tiny_gguf):
+    """Tiny models (hidden 320, 2 layers): the compute buffer is half the total."""
+    got = measure(tiny_gguf, n_ctx=1024, validate=False)
+    p = plan(tiny_gguf, n_ctx=1024, vram=0, ram=BIG)
+    assert abs(p.logged_total_bytes - got.total) <= 0.03 * got.total, (p.to_dict(), got.buffers)
+
+
+def test_quantized_v_cache_needs_flash_attention(mid_quants):
+    from qwq_local.errors import RuntimeLoadError
+
+    with pytest.raises(UsageError, match="flash attention"):
+        plan(mid_quants["bf16"], n_ctx=512, kv_type="q8_0", flash_attn=False, vram=0, ram=BIG)
+    # ... which is llama.cpp's own rule:
+    with pytest.raises(RuntimeLoadError, match="flash_attn"):
+        measure(mid_quants["bf16"], n_ctx=512, kv_type="q8_0", flash_attn=False, validate=False)
+    # auto turns it on
+    assert plan(mid_quants["bf16"], n_ctx=512, kv_type="q8_0", vram=0, ram=BIG).flash_attn is True
+
+
+def test_gpu_split_follows_llama_cpp_layer_rules(mid_quants):
+    path = mid_quants["Q4_K_M"]
+    shape = read_shape(path)
+    n_layer = shape.n_layer
+    assert n_layer == 4
+    by_layer: dict[int, int] = {}
+    for name, _t, _s, _o, nbytes, _part in shape.tensors:
+        by_layer[layer_of(name, n_layer)] = by_layer.get(layer_of(name, n_layer), 0) + nbytes
+    per_layer_kv = plan(path, n_ctx=4096, vram=BIG, ram=BIG).kv["cpu"] // n_layer
+    for g in range(0, n_layer + 2):
+        p = plan(path, n_ctx=4096, gpu_layers=g, vram=BIG, ram=BIG)
+        gpu_blocks = list(range(n_layer - min(g, n_layer), n_layer))  # the LAST g blocks
+        want_gpu = sum(by_layer[i] for i in gpu_blocks) + (by_layer[n_layer] if g == n_layer + 1 else 0)
+        assert p.weights["gpu"] == want_gpu, g
+        assert p.weights["cpu"] + p.weights["gpu"] == shape.file_weights_bytes
+        assert p.weights["cpu"] >= by_layer[-1]  # token_embd never leaves the CPU
+        assert p.kv["gpu"] == len(gpu_blocks) * per_layer_kv  # KV on its layer's device
+        assert p.kv["cpu"] == (n_layer - len(gpu_blocks)) * per_layer_kv
+        # Logits are computed where the output layer is.
+        vocab_logits = shape.n_vocab * 512 * 4
+        if g == n_layer + 1:
+            assert p.compute["gpu"] >= vocab_logits and p.compute["cpu"] < vocab_logits
+        elif g == 0:
+            assert p.compute["gpu"] == 0
+    # offload_kqv=False keeps every layer's KV cache in RAM.
+    p = plan(path, n_ctx=4096, gpu_layers="all", offload_kqv=False, vram=BIG, ram=BIG)
+    assert p.kv["gpu"] == 0 and p.kv["cpu"] == n_layer * per_layer_kv
+    # n_layer blocks on the GPU still leave the output layer on the CPU; "all" and -1 move it.
+    assert plan(path, gpu_layers=n_layer, vram=BIG, ram=BIG).weights["cpu"] > by_layer[-1]
+    for everything in ("all", -1, 99):
+        assert plan(path, gpu_layers=everything, vram=BIG, ram=BIG).weights["cpu"] == by_layer[-1]
+
+
+def test_auto_picks_largest_fitting_layers(mid_quants):
+    from qwq_local import constants
+
+    path = mid_quants["Q4_K_M"]
+    n_layer = read_shape(path).n_layer
+    for want in (1, 3, n_layer + 1):
+        need = plan(path, n_ctx=4096, gpu_layers=want, vram=BIG, ram=BIG).total("gpu")
+        vram = need + constants.PLAN_VRAM_MARGIN_BYTES + 1
+        fit = auto_gpu_layers(path, n_ctx=4096, vram=vram, ram=64 * GiB)
+        assert fit.gpu_layers == want and fit.n_ctx == 4096
+        assert fit.plan.fits and fit.plan.total("gpu") <= vram - constants.PLAN_VRAM_MARGIN_BYTES
+        layers, ctx, reason = fit  # unpacks as a tuple for QwQ.load(gpu_layers="auto")
+        assert str(want) in reason
+    # No VRAM (or a build without offload): CPU only.
+    assert auto_gpu_layers(path, n_ctx=4096, vram=0, ram=64 * GiB).gpu_layers == 0
+    # plan(gpu_layers="auto") is the same choice.
+    assert plan(path, n_ctx=4096, gpu_layers="auto", vram=0, ram=64 * GiB).gpu_layers == 0
+
+
+def test_auto_reduces_context_down_to_the_floor(mid_quants):
+    from qwq_local import constants
+
+    path = mid_quants["bf16"]
+    at_4096 = plan(path, n_ctx=4096, vram=0, ram=BIG).total("cpu")
+    at_8192 = plan(path, n_ctx=8192, vram=0, ram=BIG).total("cpu")
+    ram = (at_4096 + at_8192) // 2 + constants.PLAN_RAM_MARGIN_BYTES
+    fit = auto_gpu_layers(path, n_ctx=16384, vram=0, ram=ram, min_ctx=2048)
+    assert (fit.gpu_layers, fit.n_ctx) == (0, 4096)
+    assert "reduced from 16384" in fit.reason
+
+
+def test_impossible_fit_raises_with_numbers_and_alternatives(mid_quants):
+    from qwq_local import constants
+
+    path = mid_quants["bf16"]
+    with pytest.raises(InsufficientMemoryError) as err:
+        auto_gpu_layers(path, n_ctx=8192, vram=0, ram=constants.PLAN_RAM_MARGIN_BYTES + 1024 * 1024)
+    msg = str(err.value)
+    assert "does not fit" in msg and "MiB" in msg
+    assert "--kv-type q8_0" in msg and "smaller quant" in msg
+    assert err.value.exit_code == 8
+
+
+def test_plan_flags_what_does_not_fit(mid_quants):
+    p = plan(mid_quants["bf16"], n_ctx=4096, gpu_layers="all", vram=10 * 1024 * 1024, ram=BIG)
+    assert p.fits is False and "GPU needs" in p.reason and "too much" in p.reason
+
+
+def test_parse_size():
+    assert parse_size("24G") == 24 * GiB
+    assert parse_size("8GiB") == 8 * GiB
+    assert parse_size("512M") == 512 * 1024**2
+    assert parse_size("2GB") == 2_000_000_000
+    assert parse_size("1.5T") == int(1.5 * 1024**4)
+    assert parse_size("1000") == 1000
+    with pytest.raises(UsageError):
+        parse_size("lots")
+
+
+def test_plan_cli_json_and_table(mid_quants):
+    runner = CliRunner()
+    path = str(mid_quants["Q4_K_M"])
+    res = runner.invoke(app, ["plan", "-m", path, "--ctx", "2048", "--kv-type", "q8_0", "--json",
+                              "--ram", "64G", "--vram", "0"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    for key in ("weights_bytes", "kv_bytes", "compute_bytes", "output_bytes", "total_bytes"):
+        assert set(d[key]) == {"cpu", "gpu", "total"}
+        assert d[key]["total"] == d[key]["cpu"] + d[key]["gpu"]
+    assert d["n_ctx"] == 2048 and d["gpu_layers"] == 0 and d["fits"] is True and d["kv_type"] == "q8_0"
+
+    res = runner.invoke(app, ["plan", "-m", path, "--gpu-layers", "auto", "--vram", "8G", "--ram", "64G"])
+    assert res.exit_code == 0, res.output
+    assert "5 of 5 layers on the GPU" in res.output and "GPU" in res.output and "fits" in res.output
+
+    res = runner.invoke(app, ["plan", "-m", path, "--gpu-layers", "auto", "--vram", "0", "--ram", "1100M"])
+    assert res.exit_code == 8 and "error:" in res.output and "does not fit" in res.output
+
+    res = runner.invoke(app, ["plan", "-m", path, "--ctx", "2048", "--dry-run", "--json", "--vram", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["compute_source"] == "llama.cpp dry run"
+
+    res = runner.invoke(app, ["plan", "-m", path, "--kv-type", "q4_0", "--no-flash-attn"])
+    assert res.exit_code == 2 and "flash attention" in res.output
+
+
+def _write_split_gguf(base, *, n_embd=256, n_layer=2, n_head=4, n_kv=2, n_ff=512, n_vocab=512):
+    """A small qwen2 GGUF in 3 parts (base-0000k-of-00003.gguf), as gguf-py splits files."""
+    import gguf
+    import numpy as np
+    from gguf.vocab import bytes_to_unicode
+
+    rng = np.random.default_rng(0)
+    hd = n_embd // n_head
+    w = gguf.GGUFWriter(str(base), "qwen2", split_max_tensors=10)
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list([bytes_to_unicode()[b] for b in range(256)] + [f"t{i}" for i in range(n_vocab - 256)])
+    w.add_token_types([1] * n_vocab)
+    w.add_token_merges(["a b"])
+    w.add_eos_token_id(0)
+
+    def mat(name, shape):
+        w.add_tensor(name, (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float16))
+
+    mat("token_embd.weight", (n_vocab, n_embd))
+    for i in range(n_layer):
+        for name, shape in (("attn_q", (n_embd, n_embd)), ("attn_k", (n_kv * hd, n_embd)),
+                            ("attn_v", (n_kv * hd, n_embd)), ("attn_output", (n_embd, n_embd)),
+                            ("ffn_gate", (n_ff, n_embd)), ("ffn_up", (n_ff, n_embd)), ("ffn_down", (n_embd, n_ff))):
+            mat(f"blk.{i}.{name}.weight", shape)
+        for name, n in (("attn_q.bias", n_embd), ("attn_k.bias", n_kv * hd), ("attn_v.bias", n_kv * hd),
+                        ("attn_norm.weight", n_embd), ("ffn_norm.weight", n_embd)):
+            w.add_tensor(f"blk.{i}.{name}", np.ones(n, dtype=np.float32))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    mat("output.weight", (n_vocab, n_embd))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return base.with_name(base.stem + "-00001-of-00003.gguf")
+
+
+def test_split_gguf_counts_every_part(tmp_path):
+    first = _write_split_gguf(tmp_path / "m.gguf")
+    shape = read_shape(first)
+    assert {t[5] for t in shape.tensors} == {0, 1, 2} and len(shape.tensors) == 1 + 2 * 12 + 2
+    got = measure(first, n_ctx=1024, validate=False)
+    p = plan(first, n_ctx=1024, vram=0, ram=BIG)
+    # llama.cpp maps each part separately: one CPU_Mapped buffer per part, summed in the log.
+    assert abs(sum(p.weights_logged.values()) - got.kind("model")) <= 3 * 6_000
+    assert p.weights["cpu"] == shape.file_weights_bytes
+    assert sum(p.kv.values()) == got.kind("KV")
+    (tmp_path / "m-00002-of-00003.gguf").unlink()
+    from qwq_local import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="00002-of-00003"):
+        read_shape(first)
+
+
+@pytest.mark.parametrize("amx", ["off", None])
+def test_repacked_weights_follow_the_extra_buffer_switch(mid_quants, monkeypatch, amx):
+    """Whether llama.cpp repacks Q4_K weights (a CPU_REPACK buffer beside the mapped file) is
+    backend.extra_bufts_allowed() (QWQ_LOCAL_AMX=off, or the probe); the plan follows it.
+    Extra buffer types are never forced on for a quantized model (the AMX crash)."""
+    from qwq_local import backend
+
+    if amx is None:
+        monkeypatch.delenv("QWQ_LOCAL_AMX", raising=False)
+    else:
+        monkeypatch.setenv("QWQ_LOCAL_AMX", amx)
+    repack = backend.extra_bufts_allowed()
+    path = mid_quants["Q4_K_M"]
+    got = measure(path, n_ctx=2048, validate=False)
+    p = plan(path, n_ctx=2048, vram=0, ram=BIG)
+    assert p.repack is repack
+    assert ("CPU_REPACK" in got.buffers["model"]) is repack
+    assert abs(sum(p.weights_logged.values()) - got.kind("model")) <= 0.002 * got.kind("model") + 20_000
+    assert p.weights["cpu"] == read_shape(path).file_weights_bytes  # resident: each tensor once
+    assert abs(p.logged_total_bytes - got.total) <= 0.03 * got.total
+
+
+def test_public_plan_is_callable_whatever_was_imported_first(mid_quants):
+    import qwq_local
+    import qwq_local.plan  # binds qwq_local.plan to the submodule
+
+    p = qwq_local.plan(mid_quants["bf16"], n_ctx=1024, vram=0, ram=BIG)
+    assert p.n_ctx == 1024 and "plan" in qwq_local.__all__
+
+
+@pytest.mark.parametrize("n_ctx,kv_type,flash_attn,n_ubatch", [(8192, "q8_0", None, 512), (2048, "f16", False, 256)])
+def test_dry_run_takes_llama_cpps_own_compute_buffers(mid_quants, n_ctx, kv_type, flash_attn, n_ubatch):
+    """A metadata-only llama.cpp load sizes the compute buffers exactly (the formula is within
+    8% here); weights, KV and output still come from the arithmetic."""
+    path = mid_quants["Q4_K_M"]
+    got = measure(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_ubatch=n_ubatch, validate=False)
+    p = plan(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_ubatch=n_ubatch, vram=0, ram=BIG,
+             dry_run=True)
+    assert p.compute_source == "llama.cpp dry run" and p.to_dict()["compute_source"] == p.compute_source
+    assert p.compute["gpu"] == 0
+    assert abs(p.compute["cpu"] - got.kind("compute")) <= 6_000  # the log's 2-decimal MiB
+    assert sum(p.kv.values()) == got.kind("KV")
+    assert abs(p.logged_total_bytes - got.total) <= 0.002 * got.total
+
+
+def test_runtime_refuses_a_model_bigger_than_this_machine_before_loading(tmp_path):
+    """QwQ.load(gpu_layers="auto") consults the plan on every build (CPU-only too) and refuses
+    a model that cannot fit, with numbers and alternatives, instead of being OOM-killed. The
+    model is QwQ-32B-shaped and sparse (no disk used), with more layers than RAM can hold."""
+    import math
+
+    import psutil
+    from gguf_craft import sparse_files_work, write_sparse_gguf
+    from typer.testing import CliRunner
+
+    from qwq_local.cli import app
+    from qwq_local.errors import InsufficientMemoryError
+    from qwq_local.quant_predict import qwen2_shape
+    from qwq_local.runtime import QwQ
+
+    assert sparse_files_work(tmp_path), "this test needs a filesystem with sparse files"
+    per_layer = 2 * (2 * 5120 * 5120 + 2 * 5120 * 1024 + 3 * 5120 * 27648)  # bf16 bytes
+    n_layer = math.ceil(2 * psutil.virtual_memory().total / per_layer)
+    shape = qwen2_shape(n_layer=n_layer, hidden=5120, ffn=27648, vocab=152064, n_head=40, n_head_kv=8)
+    big = write_sparse_gguf(tmp_path / "qwq-32b-shaped.gguf", shape)
+    with pytest.raises(InsufficientMemoryError) as err:
+        QwQ.load(big, n_ctx=8192, gpu_layers="auto")
+    message = str(err.value)
+    assert "smaller quant" in message or "IQ2_XXS" in message
+    result = CliRunner().invoke(app, ["run", "-m", str(big), "hi"])
+    assert result.exit_code == InsufficientMemoryError.exit_code
+    assert result.output.count("\n") <= 2 and "Traceback" not in result.output
