@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outtypes", default="bf16,f16,q8_0")
     parser.add_argument("--llama-cpp-convert", type=Path, default=None,
                         help="path to llama.cpp's convert_hf_to_gguf.py (optional; needs torch + transformers)")
+    parser.add_argument("--llama-cpp-python", type=Path, default=Path(sys.executable),
+                        help="the Python (with torch, transformers and llama.cpp's gguf-py) that runs it")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = parser.parse_args(argv)
 
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             CONVERT_CODE, str(ckpt), str(out_dir / f"m-{outtype}.gguf"), outtype)
     if args.llama_cpp_convert:
         runs["llama.cpp convert_hf_to_gguf.py bf16"] = [
-            sys.executable, str(args.llama_cpp_convert), str(ckpt), "--outfile", str(out_dir / "llama.gguf"),
+            str(args.llama_cpp_python), str(args.llama_cpp_convert), str(ckpt), "--outfile", str(out_dir / "llama.gguf"),
             "--outtype", "bf16"]
     results = _measure(runs, args.repeat, clean)
     rows: list[tuple[str, float, int | None]] = [(k, *v) for k, v in results.items()]

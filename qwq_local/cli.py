@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from . import constants
+from . import cli_format, constants
 from .errors import QwQLocalError
 
 app = typer.Typer(
@@ -129,7 +129,7 @@ def quantize_cmd(
 
     if list_types:
         source = "QwQ-32B (published shape)" if input is None else input
-        typer.echo(_prediction_table(predict_sizes(input), None, source))
+        typer.echo(cli_format.prediction_table(predict_sizes(input), None, source))
         return
     if input is None or qtype is None:
         raise UsageError("usage: qwq-local quantize IN.gguf OUT.gguf --type Q4_K_M (or --list)")
@@ -140,7 +140,7 @@ def quantize_cmd(
         table = predict_sizes(input, has_imatrix=True if imatrix else None, pure=pure,
                               output_tensor_type=plan.output_tensor_type,
                               token_embedding_type=plan.token_embedding_type)
-        typer.echo(_prediction_table(table, plan.qtype.name, input))
+        typer.echo(cli_format.prediction_table(table, plan.qtype.name, input))
         mix = ", ".join(f"{t} x{n}" for t, n in plan.type_counts.items())
         typer.echo(f"\n{plan.qtype.name}: {human_bytes(plan.predicted_bytes)} ({plan.bpw:.2f} bpw); tensors: {mix}")
         for w in plan.warnings:
@@ -155,20 +155,6 @@ def quantize_cmd(
         typer.echo(f"warning: {w}", err=True)
     typer.echo(f"wrote {result.output} ({result.qtype}, {human_bytes(result.bytes)}, predicted "
                f"{human_bytes(result.predicted_bytes)}) in {result.seconds:.1f} s")
-
-
-def _prediction_table(predictions, chosen: Optional[str], source) -> str:
-    from .fileutil import human_bytes
-
-    lines = [f"predicted sizes for {source}:", f"  {'type':<10} {'bpw':>6} {'size':>11}  imatrix"]
-    for p in predictions:
-        mark = "*" if p.type == chosen else " "
-        if p.bytes is None:
-            lines.append(f"{mark} {p.type:<10} {'-':>6} {'n/a':>11}  (llama.cpp cannot make it from these shapes)")
-            continue
-        need = "required" if p.requires_imatrix else ""
-        lines.append(f"{mark} {p.type:<10} {p.bpw:6.2f} {human_bytes(p.bytes):>11}  {need}".rstrip())
-    return "\n".join(lines)
 
 
 @command("eval")
@@ -398,7 +384,7 @@ def demo_cmd(
 
 @command("info")
 def info_cmd(
-    model: str = typer.Argument(..., help="A .gguf file."),
+    model: str = typer.Argument(..., help="A .gguf file or a cached model name (qwq:q4_k_m)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     load_check: bool = typer.Option(
         False, "--load-check", help="Also test-load it with llama.cpp in a child process (remembered per file)."),
@@ -407,46 +393,17 @@ def info_cmd(
     import json
 
     from .gguf_check import inspect_gguf
+    from .hub import resolve_model
     from .safe_load import ensure_loadable, is_validated
 
-    path = Path(model)
+    path = resolve_model(model)
     info = ensure_loadable(path) if load_check else inspect_gguf(path)
     summary = info.summary()
     summary["load_checked"] = is_validated(path, info)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return
-    typer.echo(_format_info(summary))
-
-
-def _format_info(s: dict) -> str:
-    from .fileutil import human_bytes
-
-    def num(value) -> str:
-        return "-" if value is None else str(value)
-
-    heads = num(s["head_count"]) + (f" (KV heads {s['head_count_kv']})" if s["head_count_kv"] is not None else "")
-    types = ", ".join(f"{name} x{n}" for name, n in s["tensor_types"].items()) or "-"
-    rows = [
-        ("file", s["path"]),
-        ("size", f"{human_bytes(s['file_size'])} (GGUF v{s['gguf_version']}, {s['n_tensors']} tensors, "
-                 f"data from byte {s['data_offset']})"),
-        ("architecture", num(s["architecture"])),
-        ("name", num(s["name"])),
-        ("quant", s["quant"] + (f" (general.file_type {s['file_type']})" if s["file_type"] is not None else "")),
-        ("parameters", f"{s['n_params'] / 1e9:.2f} B" if s["n_params"] >= 10**8 else f"{s['n_params']:,}"),
-        ("context length", num(s["context_length"])),
-        ("layers", num(s["block_count"])),
-        ("attention heads", heads),
-        ("embedding", num(s["embedding_length"])),
-        ("vocabulary", "-" if s["vocab_size"] is None else f"{s['vocab_size']} tokens"),
-        ("chat template", s["chat_template"]),
-        ("tensor types", types),
-        ("load check", "passed" if s["load_checked"] else "not run yet (--load-check, or any load, runs it)"),
-    ]
-    lines = [f"{key:<16}{value}" for key, value in rows]
-    lines += [f"warning: {w}" for w in s["warnings"]]
-    return "\n".join(lines)
+    typer.echo(cli_format.info_table(summary))
 
 
 @command("plan")
@@ -478,30 +435,7 @@ def plan_cmd(
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=2))
         return
-    typer.echo(_format_plan(p.to_dict()))
-
-
-def _format_plan(d: dict) -> str:
-    from .fileutil import human_bytes
-
-    rows = [("weights", "weights_bytes"), ("KV cache", "kv_bytes"), ("compute", "compute_bytes"),
-            ("output", "output_bytes"), ("total", "total_bytes")]
-    lines = [f"model       {d['model']}",
-             f"settings    n_ctx {d['n_ctx']}" + (f" (asked {d['n_ctx_requested']})" if d["n_ctx"] != d["n_ctx_requested"] else "")
-             + f", kv {d['kv_type']}, flash attention {'on' if d['flash_attn'] else 'off'}, "
-             f"batch {d['n_batch']}/{d['n_ubatch']}, gpu layers {d['gpu_layers']} of {d['n_layer'] + 1}"
-             + (", CPU weights repacked" if d["repack"] else "")
-             + (f"; compute from {d['compute_source']}" if d["compute_source"] != "formula" else ""),
-             "",
-             f"{'':<10}{'CPU (RAM)':>14}{'GPU':>14}{'total':>14}"]
-    for label, key in rows:
-        part = d[key]
-        lines.append(f"{label:<10}{human_bytes(part['cpu']):>14}{human_bytes(part['gpu']):>14}{human_bytes(part['total']):>14}")
-    lines.append(f"\nllama.cpp will log {human_bytes(d['logged_total_bytes'])} of buffers "
-                 "(memory-mapped weights count their whole file span)")
-    verdict = "fits" if d["fits"] else "does NOT fit"
-    lines.append(f"{verdict}: {d['reason']}")
-    return "\n".join(lines)
+    typer.echo(cli_format.plan_table(p.to_dict()))
 
 
 @command("doctor")
@@ -517,37 +451,7 @@ def doctor_cmd(
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
-    typer.echo(_format_doctor(r))
-
-
-def _format_doctor(r: dict) -> str:
-    from .fileutil import human_bytes
-
-    lines = [f"llama-cpp-python  {r['llama_cpp_python']} built with {' + '.join(r['backends'])}",
-             f"GPU offload       {'supported' if r['gpu_offload'] else 'NOT supported by this build'}"]
-    for name, cmd in r["reinstall"].items():
-        lines.append(f"  for {name}: {cmd}")
-    lines.append(f"RAM               {human_bytes(r['ram']['available'])} available of {human_bytes(r['ram']['total'])}")
-    if not r["gpus"]:
-        lines.append("GPUs              none found (NVML, nvidia-smi, Metal)")
-    for g in r["gpus"]:
-        lines.append(f"GPU {g['index']}             {g['name']} ({g['backend']}): {human_bytes(g['free'])} free "
-                     f"of {human_bytes(g['total'])} [{g['source']}]")
-    amx = r["amx"]
-    bufts = {True: "on", False: "off", None: "unknown"}[amx["extra_buffer_types"]]
-    lines.append(f"AMX               {'advertised' if amx['advertised'] else 'not advertised'} by the CPU; "
-                 f"extra buffer types (repack/AMX) {bufts}"
-                 + (f" (forced by {amx['override']})" if amx["override"] else "")
-                 + (f"; probe: {amx['probe_reason']}" if amx["probe_reason"] else ""))
-    rec = r["recommendation"]
-    if rec["quant"]:
-        lines.append(f"QwQ-32B           {rec['quant']} at context {rec['n_ctx']} in {rec['where']}: needs "
-                     f"~{human_bytes(rec['need_bytes'])} of {human_bytes(rec['budget_bytes'])} usable "
-                     f"(get it: {rec['pull']})")
-    else:
-        lines.append(f"QwQ-32B           does not fit: even IQ2_XXS at context 4096 needs ~{human_bytes(rec['need_bytes'])}, "
-                     f"{human_bytes(rec['budget_bytes'])} usable")
-    return "\n".join(lines)
+    typer.echo(cli_format.doctor_report(r))
 
 
 # ============================================================================================
@@ -577,7 +481,6 @@ def hub_list(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
     """Show the GGUF models in the local Hugging Face cache."""
     import json
 
-    from .fileutil import human_bytes
     from .hub import list_models
     from .hub_cache import hub_cache_dir
 
@@ -588,19 +491,7 @@ def hub_list(as_json: bool = typer.Option(False, "--json", help="Print JSON inst
     if not models:
         typer.echo(f"no GGUF models in {hub_cache_dir()}; fetch one with `qwq-local pull --quant {constants.DEFAULT_QUANT}`")
         return
-    rows = [("NAME", "QUANT", "SIZE", "VERIFIED", "PATH")] + [
-        (
-            m.name or "-",
-            m.quant or "?",
-            human_bytes(m.size),
-            ("yes" if m.verified else "no") + ("" if m.complete else " (incomplete)"),
-            str(m.path),
-        )
-        for m in models
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    typer.echo(cli_format.model_table(models))
 
 
 def main() -> None:
