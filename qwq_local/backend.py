@@ -263,7 +263,11 @@ class Model:
 
     @classmethod
     def load(cls, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-             vocab_only: bool = False, validate: bool = True, extra_bufts: bool | None = None) -> "Model":
+             vocab_only: bool = False, validate: bool = True, extra_bufts: bool | None = None,
+             metadata_only: bool = False) -> "Model":
+        """metadata_only: llama.cpp checks hyperparameters, vocabulary and every tensor's name,
+        shape and file range but reads and allocates no weights (no_alloc); such a model can
+        still size a context, not compute."""
         path = Path(path)
         if not path.is_file():
             from .errors import ModelNotFoundError
@@ -274,7 +278,9 @@ class Model:
 
             ensure_loadable(path)
         lib = llama()
-        if extra_bufts is None:
+        if metadata_only:
+            extra_bufts = False  # nothing will be computed
+        elif extra_bufts is None:
             extra_bufts = extra_bufts_allowed()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
@@ -282,6 +288,10 @@ class Model:
         params.load_mode = lib.LLAMA_LOAD_MODE_AUTO if use_mmap else lib.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only
         params.use_extra_bufts = bool(extra_bufts)
+        if metadata_only:
+            # no_alloc together with an mmap load trips GGML_ASSERT(!ml.no_alloc) here.
+            params.no_alloc = True
+            params.load_mode = lib.LLAMA_LOAD_MODE_NONE
         ptr = lib.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise RuntimeLoadError(f"llama.cpp could not load {path}: {log_tail(3) or 'no log'}")

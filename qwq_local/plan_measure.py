@@ -52,12 +52,14 @@ def parse_buffer_log(text: str) -> Measured:
 
 
 def measure(model: Path | str, *, n_ctx: int, kv_type: str = "f16", flash_attn: bool | None = None,
-            n_batch: int = 512, n_ubatch: int = 512, gpu_layers: int = 0, validate: bool = True) -> Measured:
+            n_batch: int = 512, n_ubatch: int = 512, gpu_layers: int = 0, validate: bool = True,
+            metadata_only: bool = False) -> Measured:
     """Load `model` and a context with these settings, free them, and return what was logged."""
     from . import backend
 
     with backend.capture_log() as log:
-        model_obj = backend.Model.load(model, n_gpu_layers=gpu_layers, validate=validate)
+        model_obj = backend.Model.load(model, n_gpu_layers=gpu_layers, validate=validate,
+                                       metadata_only=metadata_only)
         try:
             ctx = backend.Context(model_obj, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=1,
                                   type_k=kv_type, type_v=kv_type, flash_attn=flash_attn)
@@ -75,31 +77,6 @@ def dry_run(model: Path | str, *, n_ctx: int, kv_type: str = "f16", flash_attn: 
     """Ask llama.cpp itself for its compute and output buffer sizes without reading a weight:
     a metadata-only model (`no_alloc`) and a context on it (weights and KV then log as 0).
     Exact for this build and its devices, so on a GPU build it also sizes the GPU's buffers.
-    The file is first validated (and test-loaded in a child process once) by safe_load."""
-    from . import backend
-    from .errors import RuntimeLoadError
-    from .safe_load import ensure_loadable
-
-    path = Path(model)
-    ensure_loadable(path)
-    lib = backend.llama()
-    params = lib.llama_model_default_params()
-    params.n_gpu_layers = int(gpu_layers)
-    params.use_extra_bufts = False  # no compute happens, and never extra buffers on a quant
-    params.no_alloc = True
-    params.load_mode = lib.LLAMA_LOAD_MODE_NONE  # no_alloc with mmap asserts in this llama.cpp
-    with backend.capture_log() as log:
-        ptr = lib.llama_model_load_from_file(str(path).encode(), params)
-        if not ptr:
-            raise RuntimeLoadError(f"llama.cpp could not read {path} for a dry run: {backend.log_tail(3)}")
-        model_obj = backend.Model(ptr, path, extra_bufts=False, n_gpu_layers=int(gpu_layers))
-        try:
-            ctx = backend.Context(model_obj, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=1,
-                                  type_k=kv_type, type_v=kv_type, flash_attn=flash_attn)
-            n = ctx.n_ctx
-            ctx.close()
-        finally:
-            model_obj.close()
-    result = parse_buffer_log("".join(log))
-    result.n_ctx = n
-    return result
+    The file is first validated (and test-loaded in a child process once) as every load is."""
+    return measure(model, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
+                   n_ubatch=n_ubatch, gpu_layers=gpu_layers, metadata_only=True)

@@ -158,23 +158,14 @@ def _reason(log: str) -> str:
 
 def _child_main(path: str) -> int:
     from . import backend
+    from .errors import RuntimeLoadError
 
-    lib = backend.llama()
-    params = lib.llama_model_default_params()
-    fields = {name for name, _ in params._fields_}
-    params.n_gpu_layers = 0
-    if "use_extra_bufts" in fields:
-        params.use_extra_bufts = False
-    if "no_alloc" in fields and "load_mode" in fields:
-        # Metadata-only: shapes and file ranges are checked, no weight byte is read. no_alloc
-        # with an mmap load trips GGML_ASSERT(!ml.no_alloc) in this llama.cpp, hence NONE.
-        params.no_alloc = True
-        params.load_mode = lib.LLAMA_LOAD_MODE_NONE
-    model = lib.llama_model_load_from_file(path.encode(), params)
-    if not model:
+    try:
+        model = backend.Model.load(Path(path), validate=False, metadata_only=True)
+    except RuntimeLoadError:
         sys.stderr.write(f"error: {_NULL_MARK}\n")
         return 3
-    lib.llama_model_free(model)
+    model.close()
     print(_OK_MARK)
     return 0
 

@@ -164,4 +164,4 @@ def test_info_load_check_failure_is_exit_4(no_output_norm):
 def test_info_on_a_missing_file(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "nope.gguf")])
     assert result.exit_code == 5
-    assert "no model file" in result.stderr
+    assert "no such file" in result.stderr and "nope.gguf" in result.stderr
