@@ -100,49 +100,24 @@ def _table(files: dict[str, Path]) -> None:
 
 
 def _write_qwq_shaped(path: Path, n_layer: int) -> None:
+    """QwQ-32B's layer shapes with all-zero Q4_0 weights (cheap to write, real sizes)."""
     import gguf
     import numpy as np
-    from gguf.vocab import bytes_to_unicode  # type: ignore[attr-defined]
 
     from qwq_local import constants
+    from qwq_local.testing import write_qwen2_gguf
 
     dims = constants.QWQ_32B_DIMS
-    e, f, v, nh, nkv = dims["hidden"], dims["ffn"], dims["vocab"], dims["n_head"], dims["n_head_kv"]
-    kv = nkv * (e // nh)
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_context_length(constants.MAX_CONTEXT)
-    w.add_embedding_length(e)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(f)
-    w.add_head_count(nh)
-    w.add_head_count_kv(nkv)
-    w.add_rope_freq_base(1e6)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list([bytes_to_unicode()[b] for b in range(256)] + [f"<pad{i}>" for i in range(v - 256)])
-    w.add_token_types([1] * v)
-    w.add_token_merges(["a b"])
-    w.add_eos_token_id(0)
     q4 = gguf.GGMLQuantizationType.Q4_0
 
-    def mat(name, rows, cols):
-        w.add_tensor(name, np.zeros((rows, cols // 32 * 18), dtype=np.uint8), raw_dtype=q4)
+    def tensor(name, shape):
+        if len(shape) == 1:
+            return np.ones(shape, dtype=np.float32)
+        return np.zeros((shape[0], shape[1] // 32 * 18), dtype=np.uint8), q4
 
-    mat("token_embd.weight", v, e)
-    for i in range(n_layer):
-        for name, rows, cols in (("attn_q", e, e), ("attn_k", kv, e), ("attn_v", kv, e), ("attn_output", e, e),
-                                 ("ffn_gate", f, e), ("ffn_up", f, e), ("ffn_down", e, f)):
-            mat(f"blk.{i}.{name}.weight", rows, cols)
-        for name, n in (("attn_q.bias", e), ("attn_k.bias", kv), ("attn_v.bias", kv), ("attn_norm.weight", e),
-                        ("ffn_norm.weight", e)):
-            w.add_tensor(f"blk.{i}.{name}", np.ones(n, dtype=np.float32))
-    w.add_tensor("output_norm.weight", np.ones(e, dtype=np.float32))
-    mat("output.weight", v, e)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_qwen2_gguf(path, n_embd=dims["hidden"], n_layer=n_layer, n_head=dims["n_head"],
+                     n_head_kv=dims["n_head_kv"], n_ff=dims["ffn"], n_vocab=dims["vocab"],
+                     context_length=constants.MAX_CONTEXT, tensor=tensor)
 
 
 if __name__ == "__main__":

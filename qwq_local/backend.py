@@ -179,54 +179,26 @@ def _write_probe_model(path: Path) -> Path:
     import gguf
     import numpy as np
 
+    from .testing import write_qwen2_gguf
+
     rng = np.random.default_rng(0)
-    n_embd, n_ff, n_head, n_kv, n_vocab = 256, 512, 4, 2, 257
-    head_dim = n_embd // n_head
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+
+    def tensor(name: str, shape: tuple[int, ...]):
+        if len(shape) == 1:
+            return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        data = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
+        return gguf.quants.quantize(data, q4_0), q4_0
+
+    def metadata(w) -> None:
+        w.add_name("qwq-local extra buffer probe")
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+        w.add_eos_token_id(0)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), "qwen2")
-    w.add_name("qwq-local extra buffer probe")
-    w.add_context_length(512)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(1)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_freq_base(1e6)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    from gguf.vocab import bytes_to_unicode  # type: ignore[attr-defined]
-
-    byte_tokens = [bytes_to_unicode()[b] for b in range(256)]
-    w.add_token_list(byte_tokens + ["ab"])  # llama.cpp refuses a BPE vocabulary without merges
-    w.add_token_types([1] * n_vocab)
-    w.add_token_merges(["a b"])
-    w.add_eos_token_id(0)
-
-    def q4(shape):
-        data = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])).astype(np.float32)
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q4_0)
-
-    def f32(shape, scale=1.0):
-        return (1.0 + scale * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-
-    w.add_tensor("token_embd.weight", q4((n_vocab, n_embd)), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-    for name, shape in (("attn_q", (n_embd, n_embd)), ("attn_k", (n_kv * head_dim, n_embd)),
-                        ("attn_v", (n_kv * head_dim, n_embd)), ("attn_output", (n_embd, n_embd)),
-                        ("ffn_gate", (n_ff, n_embd)), ("ffn_up", (n_ff, n_embd)), ("ffn_down", (n_embd, n_ff))):
-        w.add_tensor(f"blk.0.{name}.weight", q4(shape), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-    for name, n in (("attn_q", n_embd), ("attn_k", n_kv * head_dim), ("attn_v", n_kv * head_dim)):
-        w.add_tensor(f"blk.0.{name}.bias", f32((n,), 0.0) - 1.0)
-    w.add_tensor("blk.0.attn_norm.weight", f32((n_embd,), 0.1))
-    w.add_tensor("blk.0.ffn_norm.weight", f32((n_embd,), 0.1))
-    w.add_tensor("output_norm.weight", f32((n_embd,), 0.1))
-    w.add_tensor("output.weight", q4((n_vocab, n_embd)), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_qwen2_gguf(tmp, n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512, n_vocab=257,
+                     context_length=512, tensor=tensor, metadata=metadata)
     os.replace(tmp, path)
     return path
 

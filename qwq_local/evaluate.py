@@ -99,17 +99,13 @@ def evaluate(models: Sequence[Path | str] | Path | str, *, reference: Path | str
                                               shape=(n_windows, n_score, n_vocab))
             ref_nll = np.empty((n_windows, n_score), dtype=np.float64)
             with _context(backend, ref_model, n_ctx, threads) as ctx:
-                for w, window in enumerate(windows):
-                    _decode(ctx, window)
-                    for lo in range(0, n_score, _ROWS_PER_BLOCK):
-                        hi = min(n_score, lo + _ROWS_PER_BLOCK)
-                        logp = _log_softmax(np.stack([ctx.logits(first + j) for j in range(lo, hi)]))
-                        store[w, lo:hi] = logp
-                        nxt = np.asarray(window[first + 1 + lo:first + 1 + hi])
-                        ref_nll[w, lo:hi] = -logp[np.arange(hi - lo), nxt]
-                    step += 1
-                    if progress:
-                        progress(step, total_steps)
+                for w, lo, hi, logp, nxt in _scored_blocks(ctx, windows, n_ctx):
+                    store[w, lo:hi] = logp
+                    ref_nll[w, lo:hi] = -logp[np.arange(hi - lo), nxt]
+                    if hi == n_score:
+                        step += 1
+                        if progress:
+                            progress(step, total_steps)
             store.flush()
             ref_model.close()  # one model in memory at a time
 
@@ -136,19 +132,15 @@ def _score_model(backend, path: Path, windows, store, ref_nll, n_ctx, n_vocab, t
             raise UsageError(f"{path} has a vocabulary of {model.n_vocab} tokens but the reference has {n_vocab}; "
                              "compare quantizations of the same model")
         with _context(backend, model, n_ctx, threads) as ctx:
-            for w, window in enumerate(windows):
-                _decode(ctx, window)
-                for lo in range(0, n_score, _ROWS_PER_BLOCK):
-                    hi = min(n_score, lo + _ROWS_PER_BLOCK)
-                    logq = _log_softmax(np.stack([ctx.logits(first + j) for j in range(lo, hi)]))
-                    logp = np.asarray(store[w, lo:hi])
-                    kld[w, lo:hi] = np.sum(np.exp(logp) * (logp - logq), axis=1, dtype=np.float64)
-                    agree[w, lo:hi] = np.argmax(logp, axis=1) == np.argmax(logq, axis=1)
-                    nxt = np.asarray(window[first + 1 + lo:first + 1 + hi])
-                    nll[w, lo:hi] = -logq[np.arange(hi - lo), nxt]
-                step += 1
-                if progress:
-                    progress(step, total)
+            for w, lo, hi, logq, nxt in _scored_blocks(ctx, windows, n_ctx):
+                logp = np.asarray(store[w, lo:hi])
+                kld[w, lo:hi] = np.sum(np.exp(logp) * (logp - logq), axis=1, dtype=np.float64)
+                agree[w, lo:hi] = np.argmax(logp, axis=1) == np.argmax(logq, axis=1)
+                nll[w, lo:hi] = -logq[np.arange(hi - lo), nxt]
+                if hi == n_score:
+                    step += 1
+                    if progress:
+                        progress(step, total)
     flat = kld.reshape(-1)
     result = EvalResult(
         model=path, file_bytes=path.stat().st_size, n_chunks=len(windows), n_scored=int(flat.size),
@@ -164,9 +156,20 @@ def _context(backend, model, n_ctx: int, threads: int | None):
                            n_threads=threads, logits_all=True)
 
 
-def _decode(ctx, window) -> None:
-    ctx.truncate(0)  # each window starts from an empty cache, as llama-perplexity's do
-    ctx.decode(window, start_pos=0, logits="all")
+def _scored_blocks(ctx, windows, n_ctx: int):
+    """Decode each window and yield (window index, lo, hi, log-probs of scored positions
+    lo..hi, the tokens that follow them): the second half of each window is scored."""
+    import numpy as np
+
+    first = n_ctx // 2
+    n_score = n_ctx - 1 - first
+    for w, window in enumerate(windows):
+        ctx.truncate(0)  # each window starts from an empty cache, as llama-perplexity's do
+        ctx.decode(window, start_pos=0, logits="all")
+        for lo in range(0, n_score, _ROWS_PER_BLOCK):
+            hi = min(n_score, lo + _ROWS_PER_BLOCK)
+            logp = _log_softmax(np.stack([ctx.logits(first + j) for j in range(lo, hi)]))
+            yield w, lo, hi, logp, np.asarray(window[first + 1 + lo:first + 1 + hi])
 
 
 def _log_softmax(x):

@@ -260,3 +260,77 @@ def load_tiny_weights(path: Path | str) -> dict[str, np.ndarray]:
             bits = np.frombuffer(raw, dtype=np.uint16, count=(e - b) // 2, offset=8 + n + b)
             out[name] = bf16_bits_to_f32(bits).reshape(info["shape"])
     return out
+
+
+def qwen2_gguf_shapes(*, n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int,
+                      n_vocab: int) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor names of a qwen2 model and their shapes in numpy order (rows, columns)."""
+    kv = n_head_kv * (n_embd // n_head)
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (n_vocab, n_embd)}
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        shapes.update({
+            p + "attn_norm.weight": (n_embd,), p + "ffn_norm.weight": (n_embd,),
+            p + "attn_q.weight": (n_embd, n_embd), p + "attn_q.bias": (n_embd,),
+            p + "attn_k.weight": (kv, n_embd), p + "attn_k.bias": (kv,),
+            p + "attn_v.weight": (kv, n_embd), p + "attn_v.bias": (kv,),
+            p + "attn_output.weight": (n_embd, n_embd),
+            p + "ffn_gate.weight": (n_ff, n_embd), p + "ffn_up.weight": (n_ff, n_embd),
+            p + "ffn_down.weight": (n_embd, n_ff),
+        })
+    shapes["output_norm.weight"] = (n_embd,)
+    shapes["output.weight"] = (n_vocab, n_embd)
+    return shapes
+
+
+def write_qwen2_gguf(path: Path | str, *, n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int,
+                     n_vocab: int, tensor, context_length: int = 4096, tokens: list[str] | None = None,
+                     token_types: list[int] | None = None, merges: list[str] | None = None,
+                     metadata=None, writer_options: dict | None = None) -> Path:
+    """Write a qwen2 GGUF straight from tensors (no checkpoint, no converter).
+
+    `tensor(name, shape)` returns the data to store (a float array, or (bytes array, ggml
+    type) for pre-quantized data), or None to leave the tensor out. Without `tokens`, the
+    vocabulary is the 256 byte-level tokens plus filler names (llama.cpp needs one merge).
+    `metadata(writer)` may add keys. Used for probe models, benchmarks and crafted test files.
+    """
+    import gguf
+    from gguf.vocab import bytes_to_unicode  # type: ignore[attr-defined]
+
+    if tokens is None:
+        byte_tokens = [bytes_to_unicode()[b] for b in range(256)]
+        tokens = byte_tokens + [f"<t{i}>" for i in range(n_vocab - 256)]
+        merges = ["a b"] if merges is None else merges
+    w = gguf.GGUFWriter(str(path), "qwen2", **(writer_options or {}))
+    w.add_context_length(context_length)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model(constants.GGUF_TOKENIZER_MODEL)
+    w.add_tokenizer_pre(constants.GGUF_TOKENIZER_PRE)
+    w.add_token_list(tokens)
+    w.add_token_types(token_types if token_types is not None else [1] * len(tokens))
+    w.add_token_merges(merges or ["a b"])
+    if metadata is None:
+        w.add_eos_token_id(0)
+    else:
+        metadata(w)
+    shapes = qwen2_gguf_shapes(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
+                               n_ff=n_ff, n_vocab=n_vocab)
+    for name, shape in shapes.items():
+        data = tensor(name, shape)
+        if data is None:
+            continue
+        if isinstance(data, tuple):
+            w.add_tensor(name, data[0], raw_dtype=data[1])
+        else:
+            w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

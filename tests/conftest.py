@@ -42,3 +42,14 @@ def tiny_gguf_q4km(tmp_path_factory, tiny_gguf) -> Path:
     out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-Q4_K_M.gguf"
     quantize(tiny_gguf, out, qtype="Q4_K_M")
     return out
+
+
+@pytest.fixture(scope="session")
+def k_gguf(tmp_path_factory) -> Path:
+    """A tiny bf16 GGUF with 256-wide rows, so k-quants and i-quants apply without fallbacks."""
+    from qwq_local.convert import convert
+
+    d = tmp_path_factory.mktemp("k-ckpt")
+    ckpt = make_tiny_checkpoint(d / "ckpt", hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                intermediate_size=768)
+    return convert(ckpt, d / "tiny256-bf16.gguf")

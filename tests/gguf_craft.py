@@ -51,66 +51,38 @@ def write_tiny_qwen2(path: Path, *, tokens: list[str] | None = None, template: s
     tokens = vocab if tokens is None else tokens
     types = (types + [1] * len(tokens))[:len(tokens)]
     n_vocab = len(tokens) if embedding_rows is None else embedding_rows
-    head_dim = n_embd // n_head
     rng = np.random.default_rng(0)
     reshape = reshape or {}
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_name("tiny qwq-shaped test model")
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_freq_base(1e6)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"] if qtype else gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    ids = {t: i for i, t in enumerate(tokens)}
-    w.add_bos_token_id(ids.get("<|endoftext|>", 0))
-    w.add_eos_token_id(ids.get("<|im_end|>", 0))
-    w.add_add_bos_token(False)
-    if template == "original":
-        w.add_chat_template(testing.chat_template())
-    elif template is not None:
-        w.add_chat_template(template)
-    for key, value in (extra or {}).items():
-        w.add_key_value(key, value[0], value[1])
 
-    shapes = {"token_embd.weight": (n_vocab, n_embd), "output_norm.weight": (n_embd,),
-              "output.weight": (n_vocab, n_embd)}
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        shapes.update({
-            p + "attn_norm.weight": (n_embd,), p + "ffn_norm.weight": (n_embd,),
-            p + "attn_q.weight": (n_embd, n_embd), p + "attn_q.bias": (n_embd,),
-            p + "attn_k.weight": (n_head_kv * head_dim, n_embd), p + "attn_k.bias": (n_head_kv * head_dim,),
-            p + "attn_v.weight": (n_head_kv * head_dim, n_embd), p + "attn_v.bias": (n_head_kv * head_dim,),
-            p + "attn_output.weight": (n_embd, n_embd),
-            p + "ffn_gate.weight": (n_ff, n_embd), p + "ffn_up.weight": (n_ff, n_embd),
-            p + "ffn_down.weight": (n_embd, n_ff),
-        })
-    for name, shape in shapes.items():
+    def metadata(w) -> None:
+        w.add_name("tiny qwq-shaped test model")
+        w.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype}"] if qtype else gguf.LlamaFileType.ALL_F32)
+        ids = {t: i for i, t in enumerate(tokens)}
+        w.add_bos_token_id(ids.get("<|endoftext|>", 0))
+        w.add_eos_token_id(ids.get("<|im_end|>", 0))
+        w.add_add_bos_token(False)
+        if template == "original":
+            w.add_chat_template(testing.chat_template())
+        elif template is not None:
+            w.add_chat_template(template)
+        for key, value in (extra or {}).items():
+            w.add_key_value(key, value[0], value[1])
+
+    def tensor(name, shape):
         if name in drop:
-            continue
+            return None
         shape = reshape.get(name, shape)
         data = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
         if name.endswith("norm.weight"):
             data += 1.0
         if qtype and len(shape) == 2:
             q = gguf.GGMLQuantizationType[qtype]
-            w.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), q), raw_dtype=q)
-        else:
-            w.add_tensor(name, data.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+            return gguf.quants.quantize(data.astype(np.float32), q), q
+        return data.astype(np.float32)
+
+    return testing.write_qwen2_gguf(path, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
+                                    n_ff=n_ff, n_vocab=n_vocab, tensor=tensor, tokens=tokens,
+                                    token_types=types, merges=merges, metadata=metadata)
 
 
 # --- raw bytes -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ def test_demo_runs_every_stage(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--max-tokens", "24"])
     assert result.exit_code == 0, result.output
     for stage in ("checkpoint", "convert", "quantize", "load", "chat"):
-        assert f"] " in result.output and stage in result.output
+        assert f"[{stage:>10}]" in result.output
     assert "answer:" in result.output and "thinking (" in result.output
     # The files the demo leaves behind are the real pipeline's outputs.
     ckpt = tmp_path / "tiny-qwq-checkpoint"

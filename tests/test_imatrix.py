@@ -16,17 +16,6 @@ from qwq_local.gguf_check import inspect_gguf
 from qwq_local.imatrix import (Imatrix, ImatrixEntry, read_imatrix, write_imatrix_dat, write_imatrix_gguf)
 from qwq_local.quant_predict import allows_quantization, read_shape
 from qwq_local.quantize import quantize
-from qwq_local.testing import make_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def k_gguf(tmp_path_factory) -> Path:
-    from qwq_local.convert import convert
-
-    d = tmp_path_factory.mktemp("k-ckpt")
-    ckpt = make_tiny_checkpoint(d / "ckpt", hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                intermediate_size=768)
-    return convert(ckpt, d / "tiny256-bf16.gguf")
 
 
 def make_imatrix(gguf_path: Path, *, seed: int = 0, chunk_size: int = 512) -> Imatrix:

@@ -211,46 +211,19 @@ def test_plan_cli_json_and_table(mid_quants):
 
 def _write_split_gguf(base, *, n_embd=256, n_layer=2, n_head=4, n_kv=2, n_ff=512, n_vocab=512):
     """A small qwen2 GGUF in 3 parts (base-0000k-of-00003.gguf), as gguf-py splits files."""
-    import gguf
     import numpy as np
-    from gguf.vocab import bytes_to_unicode
+
+    from qwq_local.testing import write_qwen2_gguf
 
     rng = np.random.default_rng(0)
-    hd = n_embd // n_head
-    w = gguf.GGUFWriter(str(base), "qwen2", split_max_tensors=10)
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_freq_base(1e6)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list([bytes_to_unicode()[b] for b in range(256)] + [f"t{i}" for i in range(n_vocab - 256)])
-    w.add_token_types([1] * n_vocab)
-    w.add_token_merges(["a b"])
-    w.add_eos_token_id(0)
 
-    def mat(name, shape):
-        w.add_tensor(name, (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float16))
+    def tensor(name, shape):
+        if len(shape) == 1:
+            return np.ones(shape, dtype=np.float32)
+        return (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float16)
 
-    mat("token_embd.weight", (n_vocab, n_embd))
-    for i in range(n_layer):
-        for name, shape in (("attn_q", (n_embd, n_embd)), ("attn_k", (n_kv * hd, n_embd)),
-                            ("attn_v", (n_kv * hd, n_embd)), ("attn_output", (n_embd, n_embd)),
-                            ("ffn_gate", (n_ff, n_embd)), ("ffn_up", (n_ff, n_embd)), ("ffn_down", (n_embd, n_ff))):
-            mat(f"blk.{i}.{name}.weight", shape)
-        for name, n in (("attn_q.bias", n_embd), ("attn_k.bias", n_kv * hd), ("attn_v.bias", n_kv * hd),
-                        ("attn_norm.weight", n_embd), ("ffn_norm.weight", n_embd)):
-            w.add_tensor(f"blk.{i}.{name}", np.ones(n, dtype=np.float32))
-    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    mat("output.weight", (n_vocab, n_embd))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_qwen2_gguf(base, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_kv, n_ff=n_ff,
+                     n_vocab=n_vocab, tensor=tensor, writer_options={"split_max_tensors": 10})
     return base.with_name(base.stem + "-00001-of-00003.gguf")
 
 

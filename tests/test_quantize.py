@@ -23,20 +23,8 @@ from qwq_local.gguf_check import inspect_gguf
 from qwq_local.quant_predict import predict_size, predict_sizes, qwen2_shape, read_shape, tensor_types
 from qwq_local.quant_types import QUANT_TYPES, resolve_type, type_names
 from qwq_local.quantize import quantize
-from qwq_local.testing import make_tiny_checkpoint
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def k_gguf(tmp_path_factory) -> Path:
-    """A tiny bf16 GGUF with 256-wide rows, so k-quants and i-quants apply without fallbacks."""
-    from qwq_local.convert import convert
-
-    d = tmp_path_factory.mktemp("k-ckpt")
-    ckpt = make_tiny_checkpoint(d / "ckpt", hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                intermediate_size=768)
-    return convert(ckpt, d / "tiny256-bf16.gguf")
 
 
 def _direct(src: Path, dst: Path, ftype: int, **fields) -> int:
