@@ -154,8 +154,8 @@ def extra_bufts_allowed() -> bool:
 def probe_extra_bufts(*, command: Sequence[str] | None = None, timeout: float = 120.0) -> dict:
     """Run the probe child (or `command`, for tests) and classify how it ended."""
     if command is None:
-        model = _write_probe_model(constants.cache_dir() / "probe-q4_0.gguf")
-        command = [sys.executable, "-m", "qwq_local.backend", "--probe-extra-bufts", str(model)]
+        models = _write_probe_models(constants.cache_dir())
+        command = [sys.executable, "-m", "qwq_local.backend", "--probe-extra-bufts", *map(str, models)]
     try:
         proc = subprocess.run(list(command), capture_output=True, timeout=timeout, text=True,
                               env={**os.environ, constants.ENV_AMX: ""})
@@ -172,43 +172,59 @@ def probe_extra_bufts(*, command: Sequence[str] | None = None, timeout: float = 
     return {"ok": False, "reason": f"probe child exited {proc.returncode}: {' | '.join(tail)}"}
 
 
-def _write_probe_model(path: Path) -> Path:
-    """A minimal Q4_0 qwen2 GGUF: enough for llama.cpp to pick its AMX/repack kernels."""
-    if path.exists():
-        return path
+def _write_probe_models(directory: Path) -> list[Path]:
+    """Small qwen2 GGUFs whose matrices are Q4_0, and Q4_K + Q6_K (a Q4_K_M mix): the types of
+    the quants users run, with rows that llama.cpp's AMX and repack kernels accept."""
     import gguf
     import numpy as np
 
     from .testing import write_qwen2_gguf
 
-    rng = np.random.default_rng(0)
-    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    q4_0, q4_k_m = directory / "probe-q4_0.gguf", directory / "probe-q4_k_m.gguf"
+    if q4_0.exists() and q4_k_m.exists():
+        return [q4_0, q4_k_m]
+    directory.mkdir(parents=True, exist_ok=True)
+    dims = dict(n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512, n_vocab=257, context_length=512)
 
-    def tensor(name: str, shape: tuple[int, ...]):
-        if len(shape) == 1:
-            return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-        data = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
-        return gguf.quants.quantize(data, q4_0), q4_0
+    def write(path: Path, matrix) -> Path:
+        rng = np.random.default_rng(0)
 
-    def metadata(w) -> None:
-        w.add_name("qwq-local extra buffer probe")
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-        w.add_eos_token_id(0)
+        def tensor(name: str, shape: tuple[int, ...]):
+            if len(shape) == 1:
+                return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+            return matrix((rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])).astype(np.float32))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write_qwen2_gguf(tmp, n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512, n_vocab=257,
-                     context_length=512, tensor=tensor, metadata=metadata)
-    os.replace(tmp, path)
-    return path
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        write_qwen2_gguf(tmp, tensor=tensor, **dims)
+        os.replace(tmp, path)
+        return path
+
+    t = gguf.GGMLQuantizationType.Q4_0
+    write(q4_0, lambda data: (gguf.quants.quantize(data, t), t))
+    # K-quants cannot be made in numpy: quantize an f32 copy with llama.cpp (a file-to-file
+    # operation that computes nothing, so it is safe in this process).
+    f32 = write(directory / "probe-f32.gguf", lambda data: data)
+    lib = llama()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = lib.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    tmp = q4_k_m.with_name(q4_k_m.name + f".tmp{os.getpid()}")
+    rc = lib.llama_model_quantize(str(f32).encode(), str(tmp).encode(), ctypes.byref(params))
+    f32.unlink()
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeLoadError(f"could not build the extra-buffer probe model: {log_tail(3)}")
+    os.replace(tmp, q4_k_m)
+    return [q4_0, q4_k_m]
 
 
-def _probe_main(model_path: str) -> int:
-    model = Model.load(Path(model_path), validate=False, extra_bufts=True)
-    ctx = Context(model, n_ctx=256, n_batch=64, n_ubatch=64, n_threads=1)
-    ctx.decode(list(range(64)), start_pos=0)
-    ctx.close()
-    model.close()
+def _probe_main(model_paths: Sequence[str]) -> int:
+    for model_path in model_paths:
+        model = Model.load(Path(model_path), validate=False, extra_bufts=True)
+        ctx = Context(model, n_ctx=256, n_batch=64, n_ubatch=64, n_threads=1)
+        ctx.decode(list(range(64)), start_pos=0)  # a quantized prompt batch: where AMX faults
+        ctx.decode_one(1)
+        ctx.close()
+        model.close()
     print("probe-ok")
     return 0
 
@@ -464,7 +480,7 @@ def default_threads() -> int:
     return max(1, n or os.cpu_count() or 1)
 
 
-if __name__ == "__main__":  # the probe child: python -m qwq_local.backend --probe-extra-bufts MODEL
-    if len(sys.argv) == 3 and sys.argv[1] == "--probe-extra-bufts":
-        sys.exit(_probe_main(sys.argv[2]))
+if __name__ == "__main__":  # the probe child: python -m qwq_local.backend --probe-extra-bufts MODEL...
+    if len(sys.argv) >= 3 and sys.argv[1] == "--probe-extra-bufts":
+        sys.exit(_probe_main(sys.argv[2:]))
     sys.exit(2)

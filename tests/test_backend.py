@@ -38,8 +38,8 @@ def count_children(monkeypatch):
 
 @pytest.fixture(scope="module")
 def probe_model(tmp_path_factory):
-    """A Q4_0 model: the quantized case that llama.cpp repacks into extra buffer types."""
-    return backend._write_probe_model(tmp_path_factory.mktemp("probe") / "probe-q4_0.gguf")
+    """A Q4_K_M model: the quantized case that llama.cpp repacks into extra buffer types."""
+    return backend._write_probe_models(tmp_path_factory.mktemp("probe"))[1]
 
 
 def test_probe_runs_one_child_then_is_cached(fresh_probe_state, count_children):
