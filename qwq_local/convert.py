@@ -21,7 +21,7 @@ from . import constants, fileutil
 from .checkpoint import Checkpoint, TensorEntry, open_checkpoint, read_vocab
 from .convert_data import pad as _pad
 from .convert_data import write_all_data
-from .errors import CheckpointError, DiskSpaceError, HubError, ModelNotFoundError, UsageError
+from .errors import CheckpointError, DiskSpaceError, HubError, ModelNotFoundError, QwQLocalError, UsageError
 
 Progress = Callable[[int, int], None]
 
@@ -223,6 +223,12 @@ def _add_metadata(writer, ckpt: Checkpoint, plans: list[_Planned], outtype: str,
         # the model card's front matter is YAML written by people: report it, don't crash
         raise CheckpointError(f"{ckpt.path / 'README.md'}: unreadable model card front matter "
                               f"({' '.join(str(exc).split())}); fix or remove its YAML header") from None
+    if meta.sampling_penalty_repeat is None:
+        # gguf-py 0.19 reads only `penalty_repeat`; llama.cpp's converter (the one bundled with
+        # llama-cpp-python) also reads transformers' spelling, which QwQ's generation_config uses
+        penalty = gguf.Metadata.load_generation_config(ckpt.path).get("repetition_penalty")
+        if isinstance(penalty, (int, float)) and not isinstance(penalty, bool):
+            meta.sampling_penalty_repeat = float(penalty)
     if name is not None:
         parts = gguf.Metadata.get_model_id_components(name.replace(" ", "-"), total)
         meta.basename = meta.basename or parts[2]
@@ -320,18 +326,21 @@ def _verify_output(path: Path, plans: list[_Planned], n_kv: int) -> None:
 
 def convert(src: str | os.PathLike | None, output: str | os.PathLike, *, outtype: str = constants.DEFAULT_OUTTYPE,
             progress: Progress | None = None, repo_id: str | None = None, revision: str | None = None,
-            name: str | None = None) -> Path:
+            name: str | None = None, on_tensor: Callable[[int, int, str], None] | None = None) -> Path:
     """Convert a Qwen2/QwQ checkpoint to a GGUF file at `output` and return its path.
 
     src: a local checkpoint directory or a Hugging Face repo id (None: `repo_id`, default
     Qwen/QwQ-32B); downloads honour HF_HUB_OFFLINE. outtype: bf16 (lossless for QwQ), f16,
-    f32 or q8_0. progress(done_bytes, total_bytes) is called as tensor data is written.
+    f32 or q8_0. progress(done_bytes, total_bytes) is called as tensor data is written, and
+    on_tensor(i, n, gguf_name) as tensor i of n (1-based, in file order) starts.
     """
+    outtype = str(outtype).strip().lower()  # Q8_0 as quantize spells it, or q8_0
     if outtype not in _OUTTYPES:
         raise UsageError(f"unknown outtype {outtype!r}; choose one of {', '.join(constants.OUTTYPES)}")
     output = Path(output).expanduser()
     if output.is_dir():
         raise UsageError(f"output {output} is a directory; give a file name such as {output / 'model.gguf'}")
+    fileutil.check_output_dir(output)  # before a download that can take hours
     directory, repo = _resolve_source(src, repo_id=repo_id, revision=revision)
     ckpt = open_checkpoint(directory)
     fileutil.refuse_same_file(output, *ckpt.files)
@@ -355,13 +364,15 @@ def convert(src: str | os.PathLike | None, output: str | os.PathLike, *, outtype
             writer.write_ti_data_to_file()
             writer.close()
             del writer
-            write_all_data(tmp, plans, data_bytes, progress)
+            write_all_data(tmp, plans, data_bytes, progress, on_tensor)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise DiskSpaceError(f"writing {output} failed: {exc.strerror}; the incomplete file was removed. "
                                      "Free some space (or raise the file size limit) or choose another "
                                      "output directory") from None
-            raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise QwQLocalError(f"converting to {output} failed: {exc.strerror or exc}{where}; the incomplete file "
+                                "was removed") from None
         _verify_output(tmp, plans, n_kv)
     return output
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .convert import _Planned
 
 Progress = Callable[[int, int], None]
+TensorStart = Callable[[int, int, str], None]
 
 
 def pad(n: int, align: int = constants.GGUF_ALIGNMENT) -> int:
@@ -153,8 +154,10 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         offset += n
 
 
-def write_all_data(tmp: Path, plans: list[_Planned], total: int, progress: Progress | None) -> None:
-    """Write every planned tensor at its aligned offset after the header already in `tmp`."""
+def write_all_data(tmp: Path, plans: list[_Planned], total: int, progress: Progress | None,
+                   on_tensor: TensorStart | None = None) -> None:
+    """Write every planned tensor at its aligned offset after the header already in `tmp`;
+    on_tensor(i, n, name) is called as tensor i of n (1-based) starts."""
     done = 0
 
     def tick(n: int) -> None:
@@ -173,7 +176,9 @@ def write_all_data(tmp: Path, plans: list[_Planned], total: int, progress: Progr
     try:
         offset = pad(os.fstat(dst).st_size)
         copier = _Copier()
-        for plan in plans:
+        for i, plan in enumerate(plans, 1):
+            if on_tensor is not None:
+                on_tensor(i, len(plans), plan.name)
             if plan.src.shard not in fds:
                 fds[plan.src.shard] = os.open(plan.src.shard, os.O_RDONLY)
             _write_tensor(plan, fds[plan.src.shard], dst, offset, copier, pool, tick)

@@ -18,6 +18,8 @@ _W, _H, _M = 640, 400, 60  # canvas and margin, px
 
 def check_plot_target(path: Path | str) -> None:
     """Fail before an evaluation runs if its chart could not be written afterwards."""
+    from .fileutil import check_output_dir
+
     suffix = Path(path).suffix.lower()
     if suffix == ".png":
         import importlib.util
@@ -27,11 +29,19 @@ def check_plot_target(path: Path | str) -> None:
                              "or ask for an SVG chart: --plot chart.svg")
     elif suffix != ".svg":
         raise UsageError(f"--plot {Path(path).name}: use a .svg (built in) or .png (needs matplotlib) file name")
+    check_output_dir(Path(path))
 
 
 def write_plot(results: Sequence, path: Path | str) -> Path:
     """Write mean KLD (log scale) against file size for `results` (EvalResult) to path."""
     path = Path(path)
+    try:
+        return _write_plot(results, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write the chart {path}: {exc.strerror or exc}; choose another --plot path") from None
+
+
+def _write_plot(results: Sequence, path: Path) -> Path:
     suffix = path.suffix.lower()
     if suffix == ".svg":
         from .fileutil import atomic_output

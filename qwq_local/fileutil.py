@@ -34,6 +34,22 @@ def check_free_space(directory: Path, needed: int, *, what: str = "the output") 
         )
 
 
+def check_output_dir(output: Path) -> None:
+    """Raise UsageError, before any work, when `output` is a directory or its directory can
+    neither be used nor created (a path component is a file, or the nearest existing directory
+    is read-only)."""
+    out = Path(output)
+    if out.is_dir():
+        raise UsageError(f"output {out} is a directory; give a file name inside it")
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot write {out}: {probe} is not a directory; choose another output path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {out}: no write permission in {probe}; choose another output path")
+
+
 def refuse_same_file(output: Path, *inputs: Path) -> None:
     """Writing over an input would destroy it mid-read: refuse before anything is opened."""
     out = Path(output)

@@ -115,12 +115,13 @@ def plan_quantize(input: Path | str, *, qtype: str, output: Path | str | None = 
     """Validate everything a quantization needs (type name, input file, imatrix; with
     `output`: not the input, enough free space) and predict the per-tensor types and the
     output size, writing nothing. Raises the same errors quantize() would."""
-    from .fileutil import check_free_space, refuse_same_file
+    from .fileutil import check_free_space, check_output_dir, refuse_same_file
 
     src = Path(input)
     qt = resolve_type(qtype)
     if output is not None:
         refuse_same_file(Path(output), src)
+        check_output_dir(Path(output))
     if not src.is_file():
         raise ModelNotFoundError(f"no GGUF file at {src}; convert a checkpoint first (qwq-local convert)")
     ott = output_tensor_type.upper() if output_tensor_type else None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import constants
+from .errors import UsageError
 
 MANIFEST_NAME = "manifest.json"
 
@@ -38,12 +39,16 @@ def build_release(source: str | Path, out_dir: Path | str, *, quants: Sequence[s
     `out_dir/manifest.json` and return the manifest. `on_step(message)` reports each stage."""
     from . import backend
     from .convert import convert
+    from .fileutil import check_output_dir
     from .quant_types import resolve_type
     from .quantize import quantize
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     types = [resolve_type(q) for q in quants]  # fail on a bad name before hours of converting
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; give a directory for the release files")
+    check_output_dir(out / MANIFEST_NAME)
+    out.mkdir(parents=True, exist_ok=True)
     stem = name or release_name(source)
     say = on_step or (lambda message: None)
 

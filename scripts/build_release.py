@@ -28,6 +28,9 @@ def main() -> int:
     except QwQLocalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # no partial file is left under a final name
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

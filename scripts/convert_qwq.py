@@ -19,19 +19,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", nargs="?", default=constants.QWQ_REPO_ID,
                         help="checkpoint directory or Hugging Face repo id (default: %(default)s)")
     parser.add_argument("-o", "--output", required=True, help="GGUF file to write")
-    parser.add_argument("--outtype", default=constants.DEFAULT_OUTTYPE, choices=constants.OUTTYPES)
+    parser.add_argument("--outtype", default=constants.DEFAULT_OUTTYPE, choices=constants.OUTTYPES, type=str.lower)
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     args = parser.parse_args(argv)
 
-    from qwq_local.cli import progress_bar
+    from qwq_local.cli import convert_progress, progress_bar
     from qwq_local.convert import convert
 
     try:
-        with progress_bar("convert") as progress:
-            path = convert(args.src, args.output, outtype=args.outtype, progress=progress, revision=args.revision)
+        with progress_bar("convert") as bar:
+            path = convert(args.src, args.output, outtype=args.outtype, revision=args.revision,
+                           **convert_progress(bar))
     except QwQLocalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # the partial output is already removed
+        print("interrupted", file=sys.stderr)
+        return 130
     print(path)
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def test_metadata_matches_llama_cpp_converter(tiny_gguf, tiny_checkpoint):
     assert f["qwen2.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
     assert f["general.sampling.temp"] == pytest.approx(0.6)
     assert f["general.sampling.top_p"] == pytest.approx(0.95)
+    # generation_config.json's `repetition_penalty`, which llama.cpp's converter records too
+    assert f["general.sampling.penalty_repeat"] == pytest.approx(1.0)
     assert f["general.name"] and f["general.size_label"]
     assert f["tokenizer.chat_template"] == tok_cfg["chat_template"]  # verbatim
     assert f["tokenizer.chat_template"] == (constants.__file__ and
@@ -444,3 +447,115 @@ def test_script_is_a_thin_wrapper(tmp_path, tiny_checkpoint):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(out) and _fields(out)["general.file_type"] == 0
+
+
+def test_on_tensor_reports_every_tensor_in_file_order(tmp_path, tiny_checkpoint):
+    started, ticks = [], []
+    out = convert(tiny_checkpoint, tmp_path / "t.gguf", progress=lambda d, t: ticks.append((d, t)),
+                  on_tensor=lambda i, n, name: started.append((i, n, name)))
+    names = list(_tensors(out))
+    assert started == [(i, len(names), name) for i, name in enumerate(names, 1)]
+    assert ticks[-1][0] == ticks[-1][1]  # the two-argument progress contract is unchanged
+
+
+def _run_on_terminal(argv: list[str], *, cols: int = 160, timeout: float = 120) -> tuple[int, str]:
+    """Run argv with stdin/stdout/stderr on a pseudo-terminal of `cols` columns; (rc, output)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, cols, 0, 0))
+    # every update drawn, so a sub-second conversion still shows its bar states
+    env = {**os.environ, "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}
+    env.pop(constants.ENV_NO_PROGRESS, None)
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        if not select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            proc.kill()  # hung: fail below instead of blocking the suite
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=timeout), b"".join(chunks).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("how", ["cli", "script"])
+def test_terminal_progress_shows_bytes_and_tensors(tmp_path, tiny_checkpoint, how):
+    out = tmp_path / "tty.gguf"
+    if how == "cli":
+        argv = [sys.executable, "-m", "qwq_local.cli", "convert", str(tiny_checkpoint), "-o", str(out)]
+    else:
+        argv = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "convert_qwq.py"), str(tiny_checkpoint),
+                "-o", str(out)]
+    rc, text = _run_on_terminal(argv)
+    assert rc == 0, text
+    states = [s for s in text.replace("\r", "\n").splitlines() if s.startswith("convert:") and "%|" in s]
+    n = len(_tensors(out))
+    assert any("tensor 1/" in s for s in states) and any(f"tensor {n}/{n}" in s for s in states), text
+    assert all(re.search(r"[\d.]+[kMG]?/[\d.]+[kMG] ", s) for s in states), text  # the bar counts bytes
+
+
+def test_unusable_output_directory_is_a_one_line_error(tmp_path, tiny_checkpoint):
+    from qwq_local.cli import app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    with pytest.raises(UsageError, match="is not a directory"):
+        convert(tiny_checkpoint, blocker / "sub" / "m.gguf")
+    res = CliRunner().invoke(app, ["convert", str(tiny_checkpoint), "-o", str(blocker / "m.gguf")])
+    assert res.exit_code == UsageError.exit_code and not isinstance(res.exception, OSError)
+    assert res.output.startswith("error: cannot write") and len(res.output.strip().splitlines()) == 1
+    assert blocker.read_bytes() == b"x" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.fixture(scope="module")
+def medium_checkpoint(tmp_path_factory) -> Path:
+    """~100 MB of bf16 weights: converting to f32 takes long enough to be interrupted midway."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("medium") / "ck", hidden_size=1024, num_attention_heads=8,
+                                num_key_value_heads=2, intermediate_size=4096, num_hidden_layers=3)
+
+
+@pytest.mark.parametrize("how", ["cli", "script"])
+def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path, medium_checkpoint, how):
+    import signal
+    import time
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "m.gguf"
+    if how == "cli":
+        argv = [sys.executable, "-m", "qwq_local.cli", "convert", str(medium_checkpoint), "-o", str(target),
+                "--outtype", "f32"]
+    else:
+        argv = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "convert_qwq.py"),
+                str(medium_checkpoint), "-o", str(target), "--outtype", "f32"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(out_dir.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)  # interrupt once the temporary output exists: mid-write
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr and stderr.strip().splitlines() == ["interrupted"], stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def test_outtype_is_case_insensitive_like_quantize_types(tmp_path, tiny_checkpoint):
+    from qwq_local.cli import app
+
+    assert _fields(convert(tiny_checkpoint, tmp_path / "a.gguf", outtype="Q8_0"))["general.file_type"] == 7
+    res = CliRunner().invoke(app, ["convert", str(tiny_checkpoint), "-o", str(tmp_path / "b.gguf"), "--outtype", "F16"])
+    assert res.exit_code == 0, res.output
+    assert "f16)" in res.output and _fields(tmp_path / "b.gguf")["general.file_type"] == 1

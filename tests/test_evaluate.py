@@ -122,3 +122,25 @@ def test_memory_stays_bounded(tiny_gguf, q8):
     all_logprobs = r.n_chunks * (ctx // 2 - 1) * n_vocab * 4
     assert r.n_chunks >= 100
     assert peak < all_logprobs / 4, (peak, all_logprobs)
+
+
+def test_unwritable_plot_path_is_a_one_line_error(tiny_gguf, q8, tmp_path):
+    from qwq_local.evaluate import EvalResult
+    from qwq_local.evalplot import write_plot
+
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    # refused before the (long) evaluation runs
+    r = runner.invoke(app, ["eval", "-m", str(q8), "-r", str(tiny_gguf), "--ctx", str(CTX), "--plot",
+                            str(blocker / "chart.svg")])
+    assert r.exit_code == UsageError.exit_code and not isinstance(r.exception, OSError)
+    assert r.output.startswith("error: cannot write") and "mean KLD" not in r.output
+    (tmp_path / "dir.svg").mkdir()
+    r = runner.invoke(app, ["eval", "-m", str(q8), "-r", str(tiny_gguf), "--ctx", str(CTX), "--plot",
+                            str(tmp_path / "dir.svg")])
+    assert r.exit_code == UsageError.exit_code and "is a directory" in r.output and "mean KLD" not in r.output
+    # a failure at write time (the directory went away meanwhile) is an error too, not a traceback
+    result = EvalResult(model=q8, file_bytes=1, n_chunks=1, n_scored=1, mean_kld=0.1, median_kld=0.1, p99_kld=0.1,
+                        max_kld=0.1, top1_agreement=1.0, ppl_ref=1.0, ppl_model=1.0)
+    with pytest.raises(UsageError, match="cannot write the chart"):
+        write_plot([result], blocker / "chart.svg")

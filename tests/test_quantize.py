@@ -319,3 +319,30 @@ def test_free_space_is_checked_before_writing(k_gguf, tmp_path, monkeypatch):
     r = runner.invoke(app, ["quantize", str(k_gguf), str(k_gguf), "--type", "Q4_K_M", "--dry-run"])
     assert r.exit_code == UsageError.exit_code
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unusable_output_directory_is_a_one_line_error(k_gguf, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    with pytest.raises(UsageError, match="is not a directory"):
+        quantize(k_gguf, blocker / "q.gguf", qtype="Q8_0")
+    with pytest.raises(UsageError, match="is a directory"):  # checked before quantizing, not at the rename
+        quantize(k_gguf, tmp_path, qtype="Q8_0")
+    for extra in ([], ["--dry-run"]):
+        r = runner.invoke(app, ["quantize", str(k_gguf), str(blocker / "q.gguf"), "--type", "Q8_0", *extra])
+        assert r.exit_code == UsageError.exit_code and not isinstance(r.exception, OSError)
+        assert r.output.startswith("error: cannot write") and len(r.output.strip().splitlines()) == 1
+
+
+def test_release_checks_names_and_output_before_creating_anything(tiny_checkpoint, tmp_path):
+    from qwq_local.release import build_release
+
+    with pytest.raises(QuantizeError, match="unknown quantization type"):
+        build_release(tiny_checkpoint, tmp_path / "rel", quants=["Q9"])
+    assert not (tmp_path / "rel").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    for out in (blocker, blocker / "rel"):
+        with pytest.raises(UsageError):
+            build_release(tiny_checkpoint, out, quants=["Q8_0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
