@@ -19,9 +19,15 @@ def prediction_table(predictions, chosen: Optional[str], source) -> str:
     return "\n".join(lines)
 
 
+def _printable(text: str) -> str:
+    """Control characters from an untrusted file, escaped: no terminal escape sequences, no
+    line breaks inside a table row."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def info_table(s: dict) -> str:
     def num(value) -> str:
-        return "-" if value is None else str(value)
+        return "-" if value is None else _printable(str(value))
 
     heads = num(s["head_count"]) + (f" (KV heads {s['head_count_kv']})" if s["head_count_kv"] is not None else "")
     types = ", ".join(f"{name} x{n}" for name, n in s["tensor_types"].items()) or "-"
@@ -43,7 +49,7 @@ def info_table(s: dict) -> str:
         ("load check", "passed" if s["load_checked"] else "not run yet (--load-check, or any load, runs it)"),
     ]
     lines = [f"{key:<16}{value}" for key, value in rows]
-    lines += [f"warning: {w}" for w in s["warnings"]]
+    lines += [f"warning: {_printable(w)}" for w in s["warnings"]]
     return "\n".join(lines)
 
 

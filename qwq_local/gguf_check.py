@@ -13,6 +13,7 @@ vocabulary, chat template) catch what would make llama.cpp abort() or silently d
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import struct
@@ -166,7 +167,7 @@ class GGUFInfo:
             elif key == "tokenizer.chat_template":
                 metadata[key] = {"type": "STRING", "length": len(value)}
             else:
-                metadata[key] = value
+                metadata[key] = _json_safe(value)
         return {
             "path": str(self.path), "file_size": self.file_size, "gguf_version": self.version,
             "alignment": self.alignment, "data_offset": self.data_offset,
@@ -181,6 +182,15 @@ class GGUFInfo:
             "n_tensors": len(self.tensors), "tensor_types": self.tensor_type_counts(),
             "warnings": list(self.warnings), "metadata": metadata,
         }
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (a crafted file may hold them) as strings: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _str_or_none(value: Any) -> str | None:

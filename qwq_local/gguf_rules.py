@@ -1,5 +1,5 @@
-"""Model-level rules for a structurally valid GGUF: the vocabulary, special token ids, the
-embedding's row count and the chat template.
+"""Model-level rules for a structurally valid GGUF: the layer count, norm epsilons, the
+vocabulary, special token ids, the embedding's row count and the chat template.
 
 These catch what llama.cpp handles badly: duplicate tokens trip an assertion (abort) in its
 vocabulary loader, and a token_type array of the wrong length is read past its end. Problems
@@ -8,6 +8,7 @@ llama.cpp tolerates become warnings on the GGUFInfo instead of faults.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .gguf_check import GGUFInfo, _Fault
@@ -15,18 +16,48 @@ from .gguf_check import GGUFInfo, _Fault
 # Special token ids that must name a real token; other *_token_id keys only warn.
 _REQUIRED_IN_RANGE = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
 _TOKEN_TYPES = range(0, 7)  # llama.cpp's llama_token_type: undefined .. byte
+LLAMA_MAX_LAYERS = 512  # llama.cpp asserts (aborts) on a block_count outside 1..512
+_NORM_EPSILONS = ("attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon", "attention.group_norm_epsilon")
 
 
 def check_model(info: GGUFInfo) -> None:
     """Raise _Fault on the first model-level fault; append warnings to `info.warnings`."""
     if info.architecture is None:
         info.warnings.append("no general.architecture: llama.cpp will refuse to load this as a model")
+    _check_block_count(info)
+    _check_norm_epsilons(info)
     _check_vocabulary(info)
     _check_template(info)
 
 
 def _value_at(info: GGUFInfo, key: str) -> int:
     return info.field_offsets["values"].get(key, 0)
+
+
+def _check_block_count(info: GGUFInfo) -> None:
+    """Every per-layer loop (llama.cpp's and the memory plan's) runs block_count times."""
+    key = f"{info.architecture}.block_count"
+    if info.architecture is None or key not in info.metadata:
+        return
+    if info.metadata_types[key] != "UINT32":
+        raise _Fault(f"{key} must be UINT32 (llama.cpp refuses other types), not {info.metadata_types[key]}",
+                     _value_at(info, key))
+    n = info.metadata[key]
+    if not 1 <= n <= LLAMA_MAX_LAYERS:
+        raise _Fault(f"{key} = {n} is outside 1..{LLAMA_MAX_LAYERS} (llama.cpp aborts on this)", _value_at(info, key))
+
+
+def _check_norm_epsilons(info: GGUFInfo) -> None:
+    """ggml's norm kernels assert eps >= 0 when they run: a negative or NaN epsilon passes
+    every load check and then aborts the process on its first token."""
+    if info.architecture is None:
+        return
+    for name in _NORM_EPSILONS:
+        key = f"{info.architecture}.{name}"
+        value = info.metadata.get(key)
+        if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+            raise _Fault(f"{key} = {value} is not a finite non-negative number (llama.cpp aborts on the first "
+                         "token with it)", _value_at(info, key))
 
 
 def _check_vocabulary(info: GGUFInfo) -> None:

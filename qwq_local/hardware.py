@@ -57,10 +57,12 @@ def ram() -> Ram:
 
 def _nvml_gpus() -> list[Gpu] | None:
     try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
+        return _nvml_query(ctypes.CDLL("libnvidia-ml.so.1"))
+    except (OSError, AttributeError):  # no NVML, or one too old to have these functions
         return None
 
+
+def _nvml_query(nvml) -> list[Gpu] | None:
     class _Memory(ctypes.Structure):
         _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
 

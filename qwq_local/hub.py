@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from . import constants
-from .errors import HubError, ModelNotFoundError, UsageError
+from .errors import BadModelFileError, HubError, ModelNotFoundError, UsageError
 from .fileutil import check_free_space, human_bytes
 from .hub_cache import (
     ModelRef,
     Progress,
     blob_sha256,
+    candidate_commits,
     display_name,
     find_cached,
     group_gguf_files,
@@ -75,16 +77,23 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     (its first part if split). Never touches the network."""
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        raise ModelNotFoundError(f"{path} is a directory; pass a .gguf file or a name such as qwq:q4_k_m")
+    hint = f"pass an existing .gguf file or a model name such as qwq:{constants.DEFAULT_QUANT.lower()}"
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:  # missing, but also a name too long for a path, a symlink loop...
+        mode, problem = None, exc
+    if mode is not None:
+        if stat.S_ISREG(mode):
+            return path
+        if stat.S_ISDIR(mode):
+            raise ModelNotFoundError(f"{path} is a directory; {hint}")
+        # A FIFO, socket or device: reading it could block or never end.
+        raise BadModelFileError(f"{path} is not a regular file; {hint}")
     ref = parse_model_name(text) if not isinstance(name_or_path, Path) else None
     if ref is None:
-        raise ModelNotFoundError(
-            f"no such file: {path}; pass an existing .gguf file or a model name such as "
-            f"qwq:{constants.DEFAULT_QUANT.lower()} (see `qwq-local list`)"
-        )
+        if isinstance(problem, FileNotFoundError):
+            raise ModelNotFoundError(f"no such file: {path}; {hint} (see `qwq-local list`)")
+        raise ModelNotFoundError(f"cannot use {path}: {problem.strerror or problem}; {hint}")
     return find_cached(ref)[0]
 
 
@@ -92,37 +101,40 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
 
 def list_models() -> list[LocalModel]:
-    """Every cached GGUF (any repo) with its quant, size and whether its sha256 was verified."""
-    from huggingface_hub import CacheNotFound, scan_cache_dir
+    """Every cached GGUF (any repo) with its quant, size and whether its sha256 was verified.
 
-    try:
-        info = scan_cache_dir(hub_cache_dir())
-    except CacheNotFound:
-        return []
+    Walks the cache the way names are resolved (find_cached), not with huggingface_hub's
+    scan_cache_dir, which drops a whole repo over one broken link or a stray file: `list`
+    must show every model that `-m NAME` can load."""
     models: list[LocalModel] = []
     seen: set[tuple[Path, ...]] = set()
-    for repo in info.repos:
-        if repo.repo_type != "model":
-            continue
-        for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
-            by_name = {f.file_path.relative_to(rev.snapshot_path).as_posix(): f for f in rev.files}
-            for group in group_gguf_files(by_name):
-                files = [by_name[f] for f in group.filenames]
-                blobs = tuple(f.blob_path for f in files)
+    try:
+        storages = sorted(p for p in hub_cache_dir().iterdir() if p.name.startswith("models--") and p.is_dir())
+    except OSError:  # no cache yet
+        return []
+    for storage in storages:
+        repo_id = storage.name.removeprefix("models--").replace("--", "/")
+        for commit in candidate_commits(storage, None):
+            snapshot = storage / "snapshots" / commit
+            # is_file() follows the links: a pointer to a removed blob is no model.
+            files = {p.relative_to(snapshot).as_posix(): p for p in snapshot.rglob("*.gguf") if p.is_file()}
+            for group in group_gguf_files(files):
+                paths = tuple(files[f] for f in group.filenames)
+                blobs = tuple(p.resolve() for p in paths)
                 if blobs in seen:  # the same bytes under an older snapshot
                     continue
                 seen.add(blobs)
                 models.append(
                     LocalModel(
-                        name=display_name(repo.repo_id, group.quant) if group.quant else None,
-                        repo_id=repo.repo_id,
-                        revision=rev.commit_hash,
+                        name=display_name(repo_id, group.quant) if group.quant else None,
+                        repo_id=repo_id,
+                        revision=commit,
                         filename=group.filenames[0],
                         quant=group.quant,
-                        path=files[0].file_path,
-                        parts=tuple(f.file_path for f in files),
-                        size=sum(f.size_on_disk for f in files),
-                        verified=all(recorded_sha256(f.file_path) is not None for f in files),
+                        path=paths[0],
+                        parts=paths,
+                        size=sum(b.stat().st_size for b in blobs),
+                        verified=all(recorded_sha256(p) is not None for p in paths),
                         complete=group.complete,
                     )
                 )

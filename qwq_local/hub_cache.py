@@ -72,6 +72,9 @@ def parse_model_name(name: str) -> ModelRef | None:
     else:
         return None
     if sep and not _QUANT_ARG_RE.match(quant):
+        if repo_id == constants.QWQ_GGUF_REPO_ID:  # "qwq:..." is never a file name someone meant
+            raise UsageError(f"invalid model name {name!r}; use {constants.MODEL_NAME_PREFIX}:QUANT such as "
+                             f"{constants.MODEL_NAME_PREFIX}:{constants.DEFAULT_QUANT.lower()}")
         return None
     return ModelRef(repo_id, normalize_quant(quant) if sep else constants.DEFAULT_QUANT)
 
@@ -167,12 +170,20 @@ def repo_storage(repo_id: str, cache: Path | None = None) -> Path:
     return (cache or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
 
 
-def _candidate_commits(storage: Path, revision: str | None) -> list[str]:
+def candidate_commits(storage: Path, revision: str | None) -> list[str]:
+    """Snapshot names to look in for `revision`, best first (None: refs/main, then the rest)."""
     snapshots = storage / "snapshots"
     if revision and _COMMIT_RE.match(revision):
         return [revision]
-    ref = storage / "refs" / (revision or "main")
-    commits = [ref.read_text().strip()] if ref.is_file() else []
+    name = revision or "main"
+    commits = []
+    # Git ref names never hold "..", and refs hold commit hashes: anything else (a crafted
+    # --revision or cache) would lead outside the cache.
+    if ".." not in name and not name.startswith("/"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            commit = (storage / "refs" / name).read_text().strip()
+            if _COMMIT_RE.match(commit):
+                commits.append(commit)
     if revision is None and snapshots.is_dir():
         # A cache filled by `hf download --revision X` has no refs/main: any snapshot will do,
         # newest first.
@@ -187,7 +198,7 @@ def find_cached(ref: ModelRef, *, revision: str | None = None, reason: str = "")
     online = f"with {constants.ENV_HF_OFFLINE} unset" if offline_mode() else "while online"
     fix = f"run `{pull_command(ref.repo_id, ref.quant, revision)}` {online}"
     incomplete: GgufGroup | None = None
-    for commit in _candidate_commits(storage, revision):
+    for commit in candidate_commits(storage, revision):
         snapshot = storage / "snapshots" / commit
         if not snapshot.is_dir():
             continue

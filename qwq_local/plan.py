@@ -107,6 +107,16 @@ def _resolve_flash_attn(kv_type: str, flash_attn: bool | None) -> bool:
     return True if flash_attn is None else bool(flash_attn)
 
 
+def _check_kv_blocks(shape: ModelShape, kv_type: str) -> None:
+    """llama.cpp refuses a quantized KV cache whose blocks do not divide the head size."""
+    from .quant_types import ggml_block
+
+    block = ggml_block(kv_type.upper())[0]
+    if block > 1 and (shape.head_dim_k % block or shape.head_dim_v % block):
+        raise UsageError(f"a {kv_type} KV cache needs head sizes divisible by {block}, and this model's are "
+                         f"{shape.head_dim_k} (K) and {shape.head_dim_v} (V); use --kv-type f16")
+
+
 def _default_repack() -> bool:
     from . import backend
 
@@ -139,9 +149,12 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
         return fit.plan
     if n_ctx <= 0:
         raise UsageError(f"n_ctx must be positive, not {n_ctx}")
+    if n_batch < 1 or n_ubatch < 1:
+        raise UsageError(f"batch sizes must be at least 1, not n_batch={n_batch}, n_ubatch={n_ubatch}")
     n_layer = shape.n_layer
     ngl = _resolve_gpu_layers(gpu_layers, n_layer)
     fa = _resolve_flash_attn(kv_type, flash_attn)
+    _check_kv_blocks(shape, kv_type)
     if repack is None:
         repack = _default_repack()
     ctx = pad_ctx(n_ctx)
@@ -240,6 +253,7 @@ def _available(vram: int | None, ram: int | None) -> tuple[int, int]:
 def _check_fit(p: MemoryPlan, *, vram: int | None, ram: int | None) -> None:
     from .fileutil import human_bytes
 
+    vram_of_this_machine = vram is None
     vram, ram = _available(vram, ram)
     p.vram, p.ram = vram, ram
     need_gpu, need_cpu = p.total("gpu"), p.total("cpu")
@@ -255,6 +269,9 @@ def _check_fit(p: MemoryPlan, *, vram: int | None, ram: int | None) -> None:
     if need_gpu:
         parts.append(f"GPU needs {human_bytes(need_gpu)} of {human_bytes(vram)} free "
                      f"({'ok' if vram_ok else 'too much'}, {human_bytes(constants.PLAN_VRAM_MARGIN_BYTES)} kept free)")
+        if vram_of_this_machine and vram == 0:
+            parts[-1] += (" (no GPU that this llama-cpp-python can offload to: see `qwq-local doctor`, or plan "
+                          "for another machine with --vram)")
     parts.append(f"RAM needs {human_bytes(need_cpu)}{' (GPU share included: unified memory)' if unified and need_gpu else ''} "
                  f"of {human_bytes(ram)} available "
                  f"({'ok' if ram_ok else 'too much'}, {human_bytes(constants.PLAN_RAM_MARGIN_BYTES)} kept free)")
@@ -294,7 +311,7 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
                     vram: int | None = None, ram: int | None = None, min_ctx: int = constants.PLAN_MIN_CTX,
                     use_mmap: bool = True, repack: bool | None = None, dry_run: bool | None = None) -> AutoFit:
     """The most GPU layers that fit free VRAM and RAM (each minus a margin) at n_ctx; if nothing
-    fits, the largest context down to `min_ctx` (halving) at which something does.
+    fits, the largest context (a multiple of 256) down to `min_ctx` at which something does.
 
     dry_run: size compute buffers with llama.cpp's metadata-only load (default: on builds with
     GPU offload when a GPU is in play; see plan()).
@@ -317,8 +334,10 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
         dry_run = max_layers > 0 and hardware.build().gpu_offload
     kw = dict(kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, dry_run=dry_run,
               vram=vram, ram=ram, use_mmap=use_mmap, repack=repack)
-    smallest = None
-    for ctx in _contexts(n_ctx, min(min_ctx, n_ctx)):
+
+    def best_at(ctx: int) -> tuple[MemoryPlan | None, MemoryPlan]:
+        """The plan with the most GPU layers that fits at `ctx` (None if none does), and the
+        plan that comes closest (for the refusal message)."""
         # Fewer GPU layers never needs more VRAM, so search for the largest that fits.
         lo, hi, best = 0, max_layers, None
         while lo <= hi:
@@ -331,17 +350,37 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
                     best = p
             else:
                 hi = mid - 1
-        smallest = plan(shape, n_ctx=ctx, gpu_layers=max(hi, 0), **kw)
-        if best is not None:
-            why = (f"{best.gpu_layers} of {shape.n_layer + 1} layers on the GPU "
-                   if max_layers else "no GPU offload available: CPU only, ")
-            why += f"at context {best.n_ctx}"
-            if best.n_ctx < pad_ctx(n_ctx):
-                why += f" (reduced from {n_ctx}: it did not fit)"
-            if max_layers and best.gpu_layers < max_layers:
-                why += "; more layers would exceed free VRAM"
-            best.reason = why + "; " + best.reason
-            return AutoFit(best.gpu_layers, best.n_ctx, best.reason, best)
+        return best, plan(shape, n_ctx=ctx, gpu_layers=max(hi, 0), **kw)
+
+    smallest = None
+    too_big = None  # the smallest context tried that did not fit
+    for ctx in _contexts(n_ctx, min(min_ctx, n_ctx)):
+        best, smallest = best_at(ctx)
+        if best is None:
+            too_big = ctx
+            continue
+        if too_big is not None:
+            # Halving found a context that fits; the largest one lies between it and the
+            # last that did not (memory only grows with the context): bisect in llama.cpp's
+            # 256-token steps.
+            pad = constants.LLAMA_CTX_PAD
+            lo, hi = best.n_ctx // pad + 1, too_big // pad - 1
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                found, _ = best_at(mid * pad)
+                if found is not None:
+                    best, lo = found, mid + 1
+                else:
+                    hi = mid - 1
+        why = (f"{best.gpu_layers} of {shape.n_layer + 1} layers on the GPU "
+               if max_layers else "no GPU offload available: CPU only, ")
+        why += f"at context {best.n_ctx}"
+        if best.n_ctx < pad_ctx(n_ctx):
+            why += f" (reduced from {n_ctx}: more did not fit)"
+        if max_layers and best.gpu_layers < max_layers:
+            why += "; more layers would exceed free VRAM"
+        best.reason = why + "; " + best.reason
+        return AutoFit(best.gpu_layers, best.n_ctx, best.reason, best)
     raise InsufficientMemoryError(_no_fit_message(shape, smallest, vram=vram, ram=ram, n_ctx=n_ctx,
                                                   min_ctx=min_ctx, kv_type=kv_type, human=human_bytes))
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import constants
-from .errors import UsageError
+from .errors import BadModelFileError, UsageError
 
 _COMPUTE_FIXED = 14 * 1024
 _BLK = re.compile(r"^blk\.(\d+)\.")
@@ -80,13 +80,26 @@ def read_shape(model: Path | str | ModelShape) -> ModelShape:
 
     def num(key: str, default: int | None = None) -> int:
         value = info.arch_value(key)
+        values = value if isinstance(value, list) else [value]
+        # A crafted file may hold any type here; int() of a string or a float would crash
+        # or silently plan nonsense.
+        if value is not None and not (values and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                     for v in values)):
+            raise BadModelFileError(f"{model}: {arch}.{key} is {_short(value)}, not a non-negative integer "
+                                    f"({info.metadata_types.get(f'{arch}.{key}')}); the file is damaged or not "
+                                    "a llama.cpp language model")
         if isinstance(value, list):  # per-layer arrays: the plan models uniform layers
-            value = max(value) if value else None
+            value = max(value)
         if value is None:
             if default is None:
-                raise UsageError(f"{model}: GGUF has no {arch}.{key}; cannot plan memory for it")
+                raise BadModelFileError(f"{model}: GGUF has no {arch}.{key}; cannot plan memory for it (is it a "
+                                        "llama.cpp language model?)")
             return default
         return int(value)
+
+    for key in ("block_count", "embedding_length", "attention.head_count"):
+        if num(key) == 0:
+            raise BadModelFileError(f"{model}: {arch}.{key} is 0; the file is damaged")
 
     n_embd = num("embedding_length")
     n_head = num("attention.head_count")
@@ -118,6 +131,11 @@ def read_shape(model: Path | str | ModelShape) -> ModelShape:
         n_head_kv=n_head_kv, head_dim_k=num("attention.key_length", head_dim),
         head_dim_v=num("attention.value_length", head_dim), n_ff=num("feed_forward_length"),
         n_vocab=n_vocab, n_ctx_train=num("context_length", constants.NATIVE_CONTEXT), tensors=tuple(tensors))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def pad_ctx(n_ctx: int) -> int:

@@ -4,7 +4,8 @@ llama.cpp reports most bad files by returning NULL, but some it meets with an as
 calls abort(), which no Python code can catch. So the first time a file is seen, after our own
 checks (gguf_check.inspect_gguf) pass, a child process loads it exactly as far as llama.cpp's
 model loader goes (hyperparameters, vocabulary, every tensor's name, shape and file range)
-without reading the weights (`no_alloc`). The result is recorded in
+without reading the weights (`no_alloc`), and builds a small context on it (the graph builder
+asserts on hyperparameters the loader accepts). The result is recorded in
 `cache_dir()/validated.json`, keyed by the resolved path, size, mtime, a hash of the header
 region and the llama-cpp-python version, so later loads skip the child.
 """
@@ -29,6 +30,8 @@ from .gguf_check import GGUFInfo, inspect_gguf
 child_loads = 0
 _OK_MARK = "qwq-local-load-ok"
 _NULL_MARK = "llama_model_load_from_file returned NULL"
+# Part of every record's key: files passed by an earlier, weaker child check are checked again.
+_CHECK_REVISION = "load+context"
 _SOURCE_PATH = re.compile(r"\S*/([\w.-]+\.(?:cpp|c|h):\d+)")
 
 
@@ -74,7 +77,7 @@ def record_key(path: Path, info: GGUFInfo) -> str:
 
     st = path.stat()
     return "|".join((str(path), str(st.st_size), str(st.st_mtime_ns),
-                     header_sha256(path, info.data_offset), llama_cpp_version()))
+                     header_sha256(path, info.data_offset), llama_cpp_version(), _CHECK_REVISION))
 
 
 def _records_path() -> Path:
@@ -165,7 +168,17 @@ def _child_main(path: str) -> int:
     except RuntimeLoadError:
         sys.stderr.write(f"error: {_NULL_MARK}\n")
         return 3
-    model.close()
+    try:
+        # Some hyperparameter faults (e.g. a key_length that disagrees with the heads) pass the
+        # model loader and abort() only when a context builds its first graph: build one here.
+        # On a metadata-only model this allocates neither KV cache nor compute buffers.
+        backend.Context(model, n_ctx=constants.LOAD_CHECK_N_CTX, n_batch=constants.LOAD_CHECK_N_BATCH,
+                        n_threads=1).close()
+    except RuntimeLoadError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 3
+    finally:
+        model.close()
     print(_OK_MARK)
     return 0
 

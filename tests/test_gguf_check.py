@@ -413,6 +413,36 @@ def test_other_special_id_out_of_range_only_warns(tmp_path):
     assert any("padding_token_id = 99" in w for w in info.warnings)
 
 
+@pytest.mark.parametrize("value,problem", [
+    (gc.kv_u32("llama.block_count", 0), "= 0 is outside 1..512"),
+    (gc.kv_u32("llama.block_count", 513), "= 513 is outside 1..512"),
+    (gc.kv_u32("llama.block_count", 4_000_000_000), "= 4000000000 is outside 1..512"),
+    (gc.kv_str("llama.block_count", "two"), "must be UINT32 (llama.cpp refuses other types), not STRING"),
+])
+def test_block_count_out_of_llama_cpps_range(tmp_path, value, problem):
+    # llama.cpp aborts on these; a huge count would also make every per-layer loop run forever.
+    message = fault(tmp_path, _two_tensors(kvs=gc.base_kvs() + [value]))
+    assert f"llama.block_count {problem}" in message
+
+
+def test_block_count_in_range_is_valid(tmp_path):
+    info = inspect_gguf(write(tmp_path, _two_tensors(kvs=gc.base_kvs() + [gc.kv_u32("llama.block_count", 512)])))
+    assert info.arch_value("block_count") == 512
+
+
+@pytest.mark.parametrize("eps", [-1e-6, -7e-45, float("nan"), float("inf")])
+def test_norm_epsilon_that_makes_ggml_abort_on_the_first_token(tmp_path, eps):
+    # ggml's rms_norm asserts eps >= 0 at compute time: no load check sees it, the first decode dies.
+    value = gc.kv("llama.attention.layer_norm_rms_epsilon", gc.F32, struct.pack("<f", eps))
+    message = fault(tmp_path, _two_tensors(kvs=gc.base_kvs() + [value]))
+    assert "llama.attention.layer_norm_rms_epsilon = " in message and "not a finite non-negative" in message
+
+
+def test_zero_norm_epsilon_is_valid(tmp_path):
+    value = gc.kv("llama.attention.layer_norm_epsilon", gc.F32, struct.pack("<f", 0.0))
+    inspect_gguf(write(tmp_path, _two_tensors(kvs=gc.base_kvs() + [value])))
+
+
 def test_embedding_rows_must_match_the_vocabulary(tmp_path):
     tokens, _, _ = gc.tiny_vocab()
     path = gc.write_tiny_qwen2(tmp_path / "v.gguf", tokens=tokens[:-1], embedding_rows=len(tokens))

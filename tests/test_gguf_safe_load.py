@@ -96,6 +96,29 @@ def test_llama_cpp_abort_in_the_child_leaves_us_alive(tmp_path):
     assert safe_load.child_loads == before  # our check answered; no child needed
 
 
+def test_graph_build_abort_is_caught_and_qwq_load_survives(tmp_path, fresh_cache):
+    """A key_length that disagrees with n_embd / n_head passes llama.cpp's model loader and
+    abort()s only when a context builds its first graph (qwen2.cpp's GGML_ASSERT). QwQ.load
+    must raise BadModelFileError, not die: run it in a child so a failure cannot kill pytest."""
+    import subprocess
+    import sys
+
+    import gguf
+
+    bad = gc.write_tiny_qwen2(tmp_path / "keylen.gguf",
+                              extra={"qwen2.attention.key_length": (8, gguf.GGUFValueType.UINT32)})
+    code = ("import sys, warnings; warnings.simplefilter('ignore')\n"
+            "from qwq_local import QwQ\n"
+            "try:\n    QwQ.load(sys.argv[1], n_ctx=256, gpu_layers=0)\n"
+            "except Exception as e:\n    print('raised', type(e).__name__, e)\nelse:\n    print('loaded')\n")
+    env = {**os.environ, constants.ENV_CACHE_DIR: str(fresh_cache), "GGML_NO_BACKTRACE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("raised BadModelFileError"), proc.stdout
+    assert "GGML_ASSERT" in proc.stdout and "killed by SIGABRT" in proc.stdout
+
+
 def test_child_timeout_is_a_runtime_error_not_a_bad_file(good_model):
     from qwq_local.errors import RuntimeLoadError
 
@@ -132,6 +155,35 @@ def test_info_json(good_model):
     assert data["tensor_types"] == {"F32": 15}
     assert data["metadata"]["tokenizer.ggml.tokens"] == {"type": "ARRAY[STRING]", "length": 2048}
     assert data["load_checked"] is False
+
+
+def test_info_json_is_strict_json_for_nan_and_infinity(tmp_path):
+    import gguf
+
+    path = gc.write_tiny_qwen2(tmp_path / "nan.gguf", extra={
+        "general.sampling.temp": (float("nan"), gguf.GGUFValueType.FLOAT32),
+        "x.limits": ([1.5, float("-inf")], gguf.GGUFValueType.ARRAY)})
+    result = runner.invoke(app, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    metadata = json.loads(result.stdout, parse_constant=refuse)["metadata"]
+    assert metadata["general.sampling.temp"] == "nan"
+    assert metadata["x.limits"] == [1.5, "-inf"]
+
+
+def test_info_table_escapes_control_characters_from_the_file(tmp_path):
+    import gguf
+
+    key = "tokenizer.ggml.\x1b[2Jfake\nrow_token_id"  # an escape sequence and a line break
+    path = gc.write_tiny_qwen2(tmp_path / "ctl.gguf", extra={key: (99999, gguf.GGUFValueType.UINT32)})
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout
+    [warning] = [ln for ln in result.stdout.splitlines() if ln.startswith("warning:")]
+    assert "\\x1b[2Jfake\\nrow_token_id = 99999 is outside the vocabulary" in warning
 
 
 def test_info_table_and_load_check(good_model):

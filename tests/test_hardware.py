@@ -31,6 +31,12 @@ def test_build_reports_what_llama_cpp_says():
         assert hardware.offload_memory_free() == 0
 
 
+def test_nvml_library_without_the_functions_is_no_gpu(monkeypatch):
+    # A libnvidia-ml.so.1 from an old driver lacks the _v2 entry points: no GPU, no traceback.
+    monkeypatch.setattr(hardware.ctypes, "CDLL", lambda name: object())
+    assert hardware._nvml_gpus() is None
+
+
 def test_parse_nvidia_smi():
     text = "0, NVIDIA GeForce RTX 4090, 24564, 23012\n1, NVIDIA A100-SXM4-80GB, 81920, 100\nbogus line\n"
     gpus = hardware.parse_nvidia_smi(text)

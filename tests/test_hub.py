@@ -243,6 +243,9 @@ def test_quant_labels_and_names():
     assert hub_cache.parse_model_name("bartowski/Qwen_QwQ-32B-GGUF:Q6_K").repo_id == "bartowski/Qwen_QwQ-32B-GGUF"
     assert hub_cache.parse_model_name("models/qwq.gguf") is None
     assert hub_cache.parse_model_name("owner/repo") is None  # repos need a quant: could be a path
+    for bad in ("qwq:", "qwq:../../x", "QwQ:q4 k m"):
+        with pytest.raises(errors.UsageError, match="invalid model name"):
+            hub_cache.parse_model_name(bad)
     groups = hub_cache.group_gguf_files([*SPLIT, "qwq-32b-q4_k_m.gguf", "README.md"])
     assert [(g.filenames[0], g.quant, g.complete, len(g.filenames)) for g in groups] == [
         ("qwq-32b-fp16-00001-of-00003.gguf", "F16", True, 3),
@@ -473,6 +476,37 @@ def test_resolve_from_prepopulated_cache_without_a_server(env):
     assert {m.name: m.verified for m in hub.list_models()}["qwq:q4_k_m"]
 
 
+def test_list_shows_what_resolves_despite_a_broken_link_or_stray_files(env):
+    """huggingface_hub's scan_cache_dir drops a whole repo over one broken snapshot link;
+    `list` must still show the repo's other models, which `-m NAME` loads fine."""
+    cache = env / "hf" / "hub"
+    snapshot = _populate_cache(cache, REPO, {n: FILES[n] for n in ("qwq-32b-q4_k_m.gguf", "qwq-32b-q8_0.gguf")})
+    (snapshot / "qwq-32b-q4_k_m.gguf").resolve().unlink()  # its blob removed by hand
+    (cache / "models--stray-file").write_text("not a repo")
+    (cache / "models--no--snapshots").mkdir()
+    assert hub.resolve_model("qwq:q8_0") == snapshot / "qwq-32b-q8_0.gguf"
+    [model] = hub.list_models()
+    assert (model.name, model.path, model.size) == ("qwq:q8_0", snapshot / "qwq-32b-q8_0.gguf",
+                                                    len(FILES["qwq-32b-q8_0.gguf"]))
+    assert model.revision == COMMIT and model.complete and not model.verified
+
+
+def test_revisions_and_refs_cannot_lead_outside_the_cache(env, tmp_path):
+    cache = env / "hf" / "hub"
+    _populate_cache(cache, REPO, {"qwq-32b-q8_0.gguf": FILES["qwq-32b-q8_0.gguf"]})
+    outside = tmp_path / "outside"
+    (outside / "snapshots" / "x").mkdir(parents=True)
+    (outside / "snapshots" / "x" / "qwq-32b-q8_0.gguf").write_bytes(b"GGUF")
+    (outside / "ref").write_text("../../../outside/snapshots/x")
+    storage = cache / "models--Qwen--QwQ-32B-GGUF"
+    (storage / "refs" / "evil").write_text("../../../../outside/snapshots/x")
+    ref = hub_cache.parse_model_name("qwq:q8_0")
+    for revision in ("evil", "../../../../outside/ref", str(outside / "ref")):
+        with pytest.raises(errors.ModelNotFoundError, match="not in the local cache"):
+            hub_cache.find_cached(ref, revision=revision)
+    assert hub_cache.find_cached(ref) == [storage / "snapshots" / COMMIT / "qwq-32b-q8_0.gguf"]
+
+
 def test_offline_pull_removes_a_corrupted_cached_blob(env, monkeypatch):
     cache = env / "hf" / "hub"
     snapshot = _populate_cache(cache, REPO, {"qwq-32b-q4_k_m.gguf": FILES["qwq-32b-q4_k_m.gguf"]})
@@ -495,6 +529,17 @@ def test_resolve_paths_and_missing_names(env, tmp_path):
         hub.resolve_model(tmp_path / "nope.gguf")
     with pytest.raises(errors.ModelNotFoundError, match="is a directory"):
         hub.resolve_model(tmp_path)
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(errors.BadModelFileError, match="fifo.gguf is not a regular file"):
+        hub.resolve_model(fifo)
+    # Any OSError from the file system is one clear error, not a traceback.
+    with pytest.raises(errors.ModelNotFoundError, match="cannot use .*: File name too long"):
+        hub.resolve_model(str(tmp_path / ("a" * 300)))
+    loop = tmp_path / "loop.gguf"
+    loop.symlink_to(loop)
+    with pytest.raises(errors.ModelNotFoundError, match="symbolic links"):
+        hub.resolve_model(loop)
     with pytest.raises(errors.ModelNotFoundError) as exc:
         hub.resolve_model("qwq:q8_0")
     assert "`qwq-local pull --quant Q8_0`" in str(exc.value)

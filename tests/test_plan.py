@@ -90,6 +90,23 @@ def test_quantized_v_cache_needs_flash_attention(mid_quants):
     assert plan(mid_quants["bf16"], n_ctx=512, kv_type="q8_0", vram=0, ram=BIG).flash_attn is True
 
 
+def test_quantized_kv_needs_head_sizes_its_blocks_divide(tmp_path):
+    import gguf_craft as gc
+
+    from qwq_local.errors import RuntimeLoadError
+
+    path = gc.write_tiny_qwen2(tmp_path / "head16.gguf")  # 64 wide, 4 heads: head size 16
+    for kv_type in ("q8_0", "q4_0"):
+        with pytest.raises(UsageError, match=f"a {kv_type} KV cache needs head sizes divisible by 32"):
+            plan(path, n_ctx=512, kv_type=kv_type, vram=0, ram=BIG)
+        with pytest.raises(UsageError, match="divisible by 32"):
+            auto_gpu_layers(path, n_ctx=512, kv_type=kv_type, vram=0, ram=BIG)
+        # ... which is llama.cpp's own rule:
+        with pytest.raises(RuntimeLoadError, match="does not divide n_embd_head_k=16"):
+            measure(path, n_ctx=512, kv_type=kv_type, validate=False)
+    assert plan(path, n_ctx=512, kv_type="f16", vram=0, ram=BIG).fits
+
+
 def test_gpu_split_follows_llama_cpp_layer_rules(mid_quants):
     path = mid_quants["Q4_K_M"]
     shape = read_shape(path)
@@ -150,8 +167,14 @@ def test_auto_reduces_context_down_to_the_floor(mid_quants):
     at_8192 = plan(path, n_ctx=8192, vram=0, ram=BIG).total("cpu")
     ram = (at_4096 + at_8192) // 2 + constants.PLAN_RAM_MARGIN_BYTES
     fit = auto_gpu_layers(path, n_ctx=16384, vram=0, ram=ram, min_ctx=2048)
-    assert (fit.gpu_layers, fit.n_ctx) == (0, 4096)
+    # Not just the halving step (4096) that fits: the largest 256-multiple that does.
+    assert fit.gpu_layers == 0 and 4096 < fit.n_ctx < 8192 and fit.n_ctx % 256 == 0
+    assert fit.plan.fits
+    assert not plan(path, n_ctx=fit.n_ctx + 256, vram=0, ram=ram).fits
     assert "reduced from 16384" in fit.reason
+    # The floor: below it, refusal.
+    with pytest.raises(InsufficientMemoryError):
+        auto_gpu_layers(path, n_ctx=16384, vram=0, ram=at_4096 - 1 + constants.PLAN_RAM_MARGIN_BYTES, min_ctx=4096)
 
 
 def test_impossible_fit_raises_with_numbers_and_alternatives(mid_quants):
@@ -169,6 +192,39 @@ def test_impossible_fit_raises_with_numbers_and_alternatives(mid_quants):
 def test_plan_flags_what_does_not_fit(mid_quants):
     p = plan(mid_quants["bf16"], n_ctx=4096, gpu_layers="all", vram=10 * 1024 * 1024, ram=BIG)
     assert p.fits is False and "GPU needs" in p.reason and "too much" in p.reason
+    # GPU layers asked on a machine without a usable GPU: say why, not just "0 B free".
+    from qwq_local import hardware
+
+    if hardware.offload_memory_free() == 0:  # this machine (CPU build); a GPU machine has VRAM
+        p = plan(mid_quants["bf16"], n_ctx=4096, gpu_layers=2, ram=BIG)
+        assert p.fits is False and "no GPU that this llama-cpp-python can offload to" in p.reason
+
+
+def test_damaged_hyperparameters_are_a_bad_file_not_a_crash(tmp_path):
+    import gguf
+    import gguf_craft as gc
+
+    from qwq_local.errors import BadModelFileError
+
+    # Before: int("x") raised ValueError (a traceback from `qwq-local plan`), 16.5 planned as 16.
+    cases = [("key_length", "x", gguf.GGUFValueType.STRING), ("value_length", 16.5, gguf.GGUFValueType.FLOAT32),
+             ("key_length", [16, -2], gguf.GGUFValueType.ARRAY)]
+    for i, (name, value, vtype) in enumerate(cases):
+        key = f"qwen2.attention.{name}"
+        path = gc.write_tiny_qwen2(tmp_path / f"h{i}.gguf", extra={key: (value, vtype)})
+        with pytest.raises(BadModelFileError, match=f"{key} is .*not a non-negative integer"):
+            read_shape(path)
+    # A GGUF without a language model's hyperparameters (here: none at all).
+    raw = tmp_path / "raw.gguf"
+    raw.write_bytes(gc.valid_raw())
+    with pytest.raises(BadModelFileError, match="GGUF has no llama.block_count"):
+        plan(raw, vram=0, ram=BIG)
+
+
+def test_batch_sizes_must_be_positive(mid_quants):
+    for kw in ({"n_batch": 0}, {"n_ubatch": 0}, {"n_batch": -1}):
+        with pytest.raises(UsageError, match="batch sizes must be at least 1"):
+            plan(mid_quants["Q8_0"], vram=0, ram=BIG, **kw)
 
 
 def test_parse_size():
