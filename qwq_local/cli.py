@@ -22,11 +22,19 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click output: usage errors as `Error: ...` lines rather than rich panels.
+    rich_markup_mode=None,
 )
 
 
 def _err(message: str) -> None:
     typer.echo(message, err=True)
+
+
+def _one_line(text: str) -> str:
+    """Error text can quote a model file's bytes: escape control characters, so a crafted
+    file cannot move the cursor or recolour the terminal, and the error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def command(*names: str, **kwargs):
@@ -41,8 +49,14 @@ def command(*names: str, **kwargs):
             except QwQLocalError as exc:
                 if constants.debug_enabled():
                     raise
-                _err(f"error: {exc}")
+                _err(f"error: {_one_line(str(exc))}")
                 raise typer.Exit(exc.exit_code) from None
+            except KeyboardInterrupt:
+                # typer would turn this into a silent exit 130; say what happened instead.
+                if constants.debug_enabled():
+                    raise
+                _err("interrupted")
+                raise typer.Exit(130) from None
 
         return app.command(*names, **kwargs)(wrapper)
 
@@ -52,18 +66,22 @@ def command(*names: str, **kwargs):
 @contextlib.contextmanager
 def progress_bar(desc: str, *, unit: str = "B"):
     """Yield a `progress(done, total)` callback for library functions: a tqdm bar on an
-    interactive stderr, nothing otherwise (pipes, CI, QWQ_LOCAL_NO_PROGRESS=1)."""
+    interactive stderr, nothing otherwise (pipes, CI, QWQ_LOCAL_NO_PROGRESS=1). An optional
+    third argument, `detail` (e.g. "tensor 3/771"), is shown after the bar."""
     if not sys.stderr.isatty() or constants.progress_disabled():
         yield None
         return
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+    # counts of tensors or windows read better unscaled ("3/75", not "3.00/75.0")
+    bar = tqdm(desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
                leave=False, file=sys.stderr)
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, detail: str | None = None) -> None:
         if bar.total != total:
             bar.total = total
+        if detail is not None and detail != bar.postfix:
+            bar.set_postfix_str(detail, refresh=False)
         bar.update(done - bar.n)
 
     try:
@@ -75,6 +93,18 @@ def progress_bar(desc: str, *, unit: str = "B"):
 # ============================================================================================
 # convert (issue: convert)
 # ============================================================================================
+
+
+def convert_progress(bar) -> dict:
+    """convert()'s progress keywords for a progress_bar: bytes on the bar, "tensor i/N" after it."""
+    if bar is None:
+        return {}
+    current = [""]
+
+    def on_tensor(i: int, n: int, name: str) -> None:
+        current[0] = f"tensor {i}/{n}"
+
+    return {"progress": lambda done, total: bar(done, total, current[0]), "on_tensor": on_tensor}
 
 
 @command("convert")
@@ -93,13 +123,13 @@ def convert_cmd(
     from .fileutil import human_bytes
 
     started = time.perf_counter()
-    with progress_bar("convert") as progress:
-        path = convert(src, output, outtype=outtype, progress=progress, revision=revision, name=name)
+    with progress_bar("convert") as bar:
+        path = convert(src, output, outtype=outtype, revision=revision, name=name, **convert_progress(bar))
     elapsed = time.perf_counter() - started
     from .gguf_check import inspect_gguf
 
     typer.echo(f"wrote {path} ({human_bytes(path.stat().st_size)}, {len(inspect_gguf(path).tensors)} tensors, "
-               f"{outtype}) in {elapsed:.1f} s")
+               f"{outtype.lower()}) in {elapsed:.1f} s")
 
 
 # ============================================================================================
@@ -201,10 +231,19 @@ def eval_cmd(
 
 def _load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int], seed: Optional[int],
                 template: str, kv_type: str, flash_attn: Optional[bool] = None):
+    import warnings
+
     from .runtime import QwQ
 
-    return QwQ.load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                    kv_type=kv_type, flash_attn=flash_attn)
+    # The library warns (altered template in the GGUF, context shortened to fit memory); on the
+    # command line that is one "warning: ..." line, not Python's file:line and source echo.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        llm = QwQ.load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
+                       kv_type=kv_type, flash_attn=flash_attn)
+    for warning in caught:
+        _err(f"warning: {warning.message}")
+    return llm
 
 
 def _sampling_options(*, max_tokens, thinking_budget, temperature, top_p, top_k, min_p, presence_penalty, seed,
@@ -262,10 +301,15 @@ def run_cmd(
     """Answer one prompt: the thought on stderr (dimmed), the answer on stdout."""
     import json
 
-    from .cli_chat import Printer, stream_reply
+    from .cli_chat import Printer, length_note, stream_reply
 
-    if prompt == "-":
+    from_stdin = prompt == "-"
+    if from_stdin:
         prompt = sys.stdin.read()
+    if not prompt.strip():
+        from .errors import UsageError
+
+        raise UsageError("the prompt is empty" + (" (nothing came on stdin)" if from_stdin else ""))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     options = _sampling_options(max_tokens=max_tokens, thinking_budget=thinking_budget, temperature=temperature,
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
@@ -278,11 +322,12 @@ def run_cmd(
             return
         printer = Printer(thought_stream=sys.stderr, answer_stream=sys.stdout, show_thinking=not hide_thinking)
         reply = stream_reply(llm, messages, printer, options=options)
+        n_ctx = llm.n_ctx
     if reply.tool_calls:
         for call in reply.tool_calls:
             typer.echo(f"tool call: {call['function']['name']}({call['function']['arguments']})")
     if reply.finish_reason == "length":
-        _err(f"[stopped at the token limit after {reply.usage['completion_tokens']} tokens]")
+        _err(length_note(reply, n_ctx=n_ctx))
 
 
 @command("chat")
@@ -335,7 +380,15 @@ def bench_cmd(
     """Prompt (pp) and generation (tg) speed, like llama-bench."""
     import json
 
+    from .errors import UsageError
+
+    if prompt_tokens < 1 or gen_tokens < 1:
+        raise UsageError("--prompt-tokens and --gen-tokens must be >= 1")
     ctx = prompt_tokens + gen_tokens + 16
+    if ctx > constants.MAX_CONTEXT:
+        # Checked here: the context is derived, and "n_ctx must be ..." would name no option the user gave.
+        raise UsageError(f"--prompt-tokens + --gen-tokens must stay under the {constants.MAX_CONTEXT}-token "
+                         f"context limit, not {prompt_tokens} + {gen_tokens}")
     with _load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=0, template="original",
                      kv_type=kv_type) as llm:
         result = llm.bench(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repetitions=repetitions)

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -76,6 +77,17 @@ class Printer:
         self._wrote_answer = False
 
 
+def length_note(reply, *, n_ctx: int, in_chat: bool = False) -> str:
+    """Why a reply ended with finish_reason "length": the token cap, or a full context (say so,
+    and what makes room: a longer answer needs a larger context, not a larger --max-tokens)."""
+    usage = reply.usage
+    # At the context end every position is used and the last sampled token had no room left.
+    if usage["prompt_tokens"] + usage["completion_tokens"] + usage.get("injected_tokens", 0) > n_ctx:
+        room = "/reset or a larger --ctx makes room" if in_chat else "a larger --ctx makes room"
+        return f"[stopped: the context of {n_ctx} tokens is full after {usage['completion_tokens']} tokens; {room}]"
+    return f"[stopped at the token limit after {usage['completion_tokens']} tokens]"
+
+
 def stream_reply(model, messages: list[dict], printer: Printer, *, options: dict, cancel=None):
     """Stream one reply through the printer; returns the Reply."""
     reply = None
@@ -108,6 +120,61 @@ def ctrl_c_cancels(cancel):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def sigint_wakes_main_thread():
+    """While the main thread waits for input, make Ctrl-C interrupt that wait.
+
+    The kernel hands a process's SIGINT to any thread that does not block it, and native
+    worker threads (OpenBLAS's from numpy, OpenMP's from llama.cpp) qualify. When one of them
+    gets it, Python only sets a flag, and the main thread sleeps on in readline's select()
+    until the next key: Ctrl-C at the prompt seemed to do nothing. Python writes every caught
+    signal to the wakeup fd; a watcher thread reads it and pokes the main thread with a signal
+    whose handler does nothing, which interrupts select() so the pending SIGINT is handled
+    there. It pokes until the main thread has left the wait, because a poke that lands just
+    before readline enters select() is lost (the same race loses a SIGINT that the main thread
+    itself gets at that moment). Re-sending SIGINT itself would count one Ctrl-C twice."""
+    poke = getattr(signal, "SIGUSR2", None)
+    if poke is None or not hasattr(signal, "pthread_kill") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    main_id = threading.main_thread().ident
+    leaving = threading.Event()
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    previous_poke = signal.signal(poke, lambda signum, frame: None)
+    previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            data = os.read(r, 64)
+            if not data or 0 in data:  # 0: the sentinel written on the way out
+                return
+            if signal.SIGINT not in data:
+                continue
+            for _ in range(40):  # 2 s at most, in case something swallows the interrupt
+                with contextlib.suppress(OSError, ProcessLookupError):
+                    signal.pthread_kill(main_id, poke)
+                if leaving.wait(0.05):
+                    return
+
+    watcher = threading.Thread(target=watch, name="qwq-local-sigint", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        leaving.set()
+        signal.set_wakeup_fd(previous_fd)
+        os.set_blocking(w, True)
+        os.write(w, b"\0")
+        watcher.join(timeout=5)
+        os.close(w)
+        # Only once the watcher is gone: a late poke under the default SIGUSR2 action would
+        # kill the process.
+        if not watcher.is_alive():
+            os.close(r)
+            signal.signal(poke, previous_poke)
 
 
 def read_message(read_line: Callable[[str], str]) -> str | None:
@@ -167,7 +234,8 @@ def repl(model, *, system: str | None, options: dict, show_thinking: bool,
     say(f"chatting with {Path(model.path).name} (context {model.n_ctx}); /help for commands, Ctrl-D to leave")
     while True:
         try:
-            text = read_message(read_line)
+            with sigint_wakes_main_thread():
+                text = read_message(read_line)
         except KeyboardInterrupt:
             out.write("\n")
             return 0
@@ -204,10 +272,13 @@ def repl(model, *, system: str | None, options: dict, show_thinking: bool,
                     say("usage: /load FILE")
                     continue
                 try:
-                    messages = load_messages(Path(arg).expanduser())
+                    loaded = load_messages(Path(arg).expanduser())
+                    # Refuse now what the template would refuse at the next turn.
+                    model.render_prompt(loaded, add_generation_prompt=False)
                 except QwQLocalError as exc:
-                    say(f"error: {exc}")
+                    say(f"error: {exc}; the conversation is unchanged")
                     continue
+                messages = loaded
                 say(f"loaded {len(messages)} messages from {arg}")
             elif word == "/think":
                 if arg not in ("show", "hide"):
@@ -235,7 +306,7 @@ def repl(model, *, system: str | None, options: dict, show_thinking: bool,
         if reply.finish_reason == "interrupted":
             say("[stopped; the partial answer is kept]")
         elif reply.finish_reason == "length":
-            say(f"[stopped at the token limit after {reply.usage['completion_tokens']} tokens]")
+            say(length_note(reply, n_ctx=model.n_ctx, in_chat=True))
         t = reply.timings
         say(f"[{reply.usage['completion_tokens']} tokens, {t['gen_tps']:.1f} tok/s; "
             f"prompt {reply.usage['prompt_tokens_decoded']} new tokens]")

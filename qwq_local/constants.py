@@ -104,6 +104,9 @@ VALIDATED_RECORD_FILE = "validated.json"
 VALIDATED_RECORD_MAX = 256
 # The child load is metadata-only (no_alloc), so even a 20 GB file takes seconds.
 LOAD_CHECK_TIMEOUT_S = 300.0
+# The context the child load check builds (metadata-only: nothing is allocated for it).
+LOAD_CHECK_N_CTX = 256
+LOAD_CHECK_N_BATCH = 32
 
 # --- Quantization and quality evaluation ----------------------------------------------------
 # QwQ-32B's dimensions (config.json), for size predictions without the 65 GB input.

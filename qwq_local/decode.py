@@ -96,8 +96,13 @@ def build_sampler(lib, model, sampling: Sampling, *, penalty_window: int):
             raise UsageError(f"the GBNF grammar does not parse ({why}); its start rule must be named root")
         add(chain, grammar)
     if sampling.presence_penalty:
-        add(chain, lib.llama_sampler_init_penalties(
-            int(penalty_window), constants.DEFAULT_REPEAT_PENALTY, 0.0, float(sampling.presence_penalty)))
+        init = lib.llama_sampler_init_penalties
+        args = (int(penalty_window), constants.DEFAULT_REPEAT_PENALTY, 0.0, float(sampling.presence_penalty))
+        # This llama.cpp's signature starts with n_vocab; upstream's does not. ctypes would pass
+        # surplus arguments silently, so go by the declared argument count.
+        if len(getattr(init, "argtypes", None) or ()) == 5:
+            args = (int(model.n_vocab), *args)
+        add(chain, init(*args))
     add(chain, lib.llama_sampler_init_top_k(int(sampling.top_k)))
     add(chain, lib.llama_sampler_init_top_p(float(sampling.top_p), 1))
     add(chain, lib.llama_sampler_init_min_p(float(sampling.min_p), 1))

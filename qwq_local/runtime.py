@@ -184,10 +184,12 @@ class QwQ:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> Reply:
-        """Generate the assistant's next turn; see `stream` for the options."""
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Any] | None = None,
+             max_tokens: int | None = None, thinking_budget: int | None = None, **sampling: Any) -> Reply:
+        """Generate the assistant's next turn; see `stream` for the sampling options."""
         reply = None
-        for event in self.stream(messages, **options):
+        for event in self.stream(messages, tools=tools, max_tokens=max_tokens, thinking_budget=thinking_budget,
+                                 **sampling):
             if event.kind == "done":
                 reply = event.reply
         assert reply is not None
@@ -210,7 +212,8 @@ class QwQ:
         not looked for inside the thought). grammar (GBNF) and logit_bias constrain sampling.
         ignore_eos bans the end tokens (as llama.cpp's --ignore-eos: generation runs to
         max_tokens or the context end). cancel: a `Cancel` (or threading.Event) whose set() stops
-        after the current token (finish_reason "interrupted").
+        after the current token, or the current batch while the prompt is read (finish_reason
+        "interrupted"; the KV cache keeps what was read).
         """
         prompt = self.render_prompt(messages, tools=tools)
         if ignore_eos:
@@ -252,9 +255,10 @@ class QwQ:
         content_parts: list[str] = []
         t0 = time.perf_counter()
         try:
-            cached = self._prefill(tokens)
+            cached, complete = self._prefill(tokens, cancel)
             prompt_s = time.perf_counter() - t0
-            if thinking_budget == 0:
+            # A prefill stopped by `cancel` leaves it set: the loop below ends before sampling.
+            if thinking_budget == 0 and complete:
                 # No thought at all: close it before the first sampled token.
                 yield from self._inject_close(ctx, chain, splitter, sampling, state, thinking_parts)
             loop = run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
@@ -296,6 +300,8 @@ class QwQ:
             # half-way through a decode that is unknown, so the cache starts over.
             if ctx.n_past == len(tokens) + len(state.decoded):
                 self._cached = tokens + state.decoded
+            elif not state.decoded and self._cached and ctx.n_past == len(self._cached):
+                pass  # a prefill cancelled between batches: keep the part it read
             else:
                 self._cached = []
                 ctx.truncate(0)
@@ -329,20 +335,29 @@ class QwQ:
                 thinking_parts.append(text)
             yield Event(kind, text)
 
-    def _prefill(self, tokens: list[int]) -> int:
-        """Bring the KV cache to `tokens`, reusing the longest cached prefix; returns how many
-        prompt tokens were reused. The last prompt token is always decoded (its logits start
-        the generation)."""
+    def _prefill(self, tokens: list[int], cancel: Cancel | None = None) -> tuple[int, bool]:
+        """Bring the KV cache to `tokens`, reusing the longest cached prefix; returns (prompt
+        tokens reused, whether the whole prompt is in). The last prompt token is always decoded
+        (its logits start the generation). `cancel` is checked between batches: reading a long
+        prompt on a CPU takes minutes, and Ctrl-C must not wait for it."""
         ctx = self._ctx
         cached = self._cached
         n = 0
         limit = min(len(cached), len(tokens) - 1)
         while n < limit and cached[n] == tokens[n]:
             n += 1
-        self._cached = []  # unknown until the decode below succeeds
         ctx.truncate(n)
-        ctx.decode(tokens[n:], start_pos=n)
-        return n
+        self._cached = tokens[:n]
+        pos, step = n, max(1, ctx.n_batch)
+        while pos < len(tokens):
+            if cancel is not None and cancel.is_set():
+                return n, False
+            end = min(pos + step, len(tokens))
+            self._cached = []  # unknown until this batch is in
+            ctx.decode(tokens[pos:end], start_pos=pos)
+            self._cached = tokens[:end]
+            pos = end
+        return n, True
 
     def reset(self) -> None:
         """Forget the KV cache (the next turn reads its whole prompt)."""

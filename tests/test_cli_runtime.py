@@ -144,6 +144,10 @@ class Terminal:
         pid, fd = pty.fork()
         if pid == 0:  # child
             os.environ["QWQ_LOCAL_NO_PROGRESS"] = "1"
+            os.environ["PYTHONFAULTHANDLER"] = "1"  # SIGABRT on a hang prints every thread's stack
+            # A shell's background job (CI scripts) ignores SIGINT and children inherit that;
+            # a user's terminal does not.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.environ.pop("NO_COLOR", None)
             os.execv(argv[0], argv)
         self.pid, self.fd, self.buffer, self.log = pid, fd, "", ""
@@ -187,9 +191,19 @@ class Terminal:
             if pid:
                 os.close(self.fd)
                 return os.waitstatus_to_exitcode(status)
+        os.kill(self.pid, signal.SIGABRT)
+        dump = b""
+        while select.select([self.fd], [], [], 2.0)[0]:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            dump += data
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
-        raise AssertionError("the chat did not exit")
+        raise AssertionError("the chat did not exit; its stacks: " + dump.decode(errors="replace")[-4000:])
 
 
 @pytest.mark.parametrize("second_key", [b"\x03", b"\x04"], ids=["second-ctrl-c", "ctrl-d"])
@@ -213,7 +227,7 @@ def test_ctrl_c_stops_generation_and_keeps_the_chat(tiny_gguf, tmp_path, second_
         term.expect(r">>> ")
         conv = json.loads(saved.read_text())
         assert conv[1]["role"] == "assistant" and conv[1]["content"]
-        assert "Traceback" not in term.log
+        assert "Traceback (most recent call last)" not in term.log  # the tiny model may write "Traceback"
         assert "\x1b[2m" in term.log  # on a terminal the thought is dimmed
         term.send(second_key)
         assert term.wait() == 0
@@ -236,3 +250,85 @@ def test_run_template_file_and_ignore_eos(tiny_gguf, tmp_path):
     assert data["usage"]["completion_tokens"] == 20 and data["finish_reason"] == "length"
     bad = invoke("run", "-m", tiny_gguf, "hi", "--template", tmp_path / "missing.jinja", "--gpu-layers", "0")
     assert bad.exit_code == 2 and "template must be" in bad.stderr
+
+
+def test_ctrl_c_caught_by_another_thread_still_interrupts_the_prompt():
+    # The kernel may hand Ctrl-C's SIGINT to any thread (OpenBLAS and OpenMP workers included);
+    # the main thread, blocked reading the user's input, must still be interrupted at once.
+    import threading
+
+    from qwq_local.cli_chat import sigint_wakes_main_thread
+
+    r, w = os.pipe()
+    started, finished = threading.Event(), threading.Event()
+
+    def other_thread():
+        started.wait()
+        time.sleep(0.2)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        if not finished.wait(5):
+            os.write(w, b"x")  # ends the read when the interrupt never came
+
+    helper = threading.Thread(target=other_thread, daemon=True)
+    helper.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_wakes_main_thread():
+                started.set()
+                os.read(r, 1)
+        assert time.monotonic() - t0 < 3
+    finally:
+        finished.set()
+        helper.join()
+        os.close(r)
+        os.close(w)
+
+
+def test_bench_sizes_are_checked_against_the_options_given(tiny_gguf):
+    too_long = invoke("bench", "-m", tiny_gguf, "--prompt-tokens", 200000, "--gpu-layers", "0")
+    assert too_long.exit_code == 2
+    assert too_long.stderr.startswith("error: --prompt-tokens + --gen-tokens must stay under")
+    zero = invoke("bench", "-m", tiny_gguf, "--gen-tokens", 0, "--gpu-layers", "0")
+    assert zero.exit_code == 2 and zero.stderr.startswith("error: --prompt-tokens and --gen-tokens must be >= 1")
+
+
+def test_a_full_context_is_reported_as_such(tiny_gguf):
+    capped = invoke("run", "-m", tiny_gguf, "hi", "--ctx", "512", "--gpu-layers", "0", "--max-tokens", "5",
+                    "--ignore-eos", "--hide-thinking")
+    assert capped.exit_code == 0 and "[stopped at the token limit after 5 tokens]" in capped.stderr
+    full = invoke("run", "-m", tiny_gguf, "hi", "--ctx", "64", "--gpu-layers", "0", "--ignore-eos", "--hide-thinking")
+    assert full.exit_code == 0
+    assert re.search(r"\[stopped: the context of 64 tokens is full after \d+ tokens; a larger --ctx", full.stderr)
+    chat = invoke("chat", "-m", tiny_gguf, "--ctx", "64", "--gpu-layers", "0", "--ignore-eos", input="hi\n")
+    assert chat.exit_code == 0
+    assert "the context of 64 tokens is full" in chat.stderr and "/reset or a larger --ctx" in chat.stderr
+
+
+def test_run_refuses_an_empty_prompt(tiny_gguf):
+    piped = invoke("run", "-m", tiny_gguf, "-", "--gpu-layers", "0", input="")
+    assert piped.exit_code == 2 and piped.stderr == "error: the prompt is empty (nothing came on stdin)\n"
+    blank = invoke("run", "-m", tiny_gguf, "  ", "--gpu-layers", "0")
+    assert blank.exit_code == 2 and blank.stderr == "error: the prompt is empty\n"
+
+
+def test_chat_load_refuses_a_conversation_the_template_cannot_render(tiny_gguf, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"role": "user", "content": 5}]')
+    saved = tmp_path / "after.json"
+    result = invoke("chat", "-m", tiny_gguf, *CHAT_OPTS, "--system", "S", input=f"/load {bad}\n/save {saved}\n")
+    assert result.exit_code == 0
+    assert "error: message 0 (user): 'content' must be text, not int; the conversation is unchanged" in result.stderr
+    assert json.loads(saved.read_text()) == [{"role": "system", "content": "S"}]
+
+
+def test_library_warnings_are_one_line(tmp_path):
+    from gguf_craft import write_tiny_qwen2
+
+    path = write_tiny_qwen2(tmp_path / "altered.gguf", template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    result = invoke("run", "-m", path, "hi", "--ctx", "256", "--gpu-layers", "0", "--max-tokens", "2", "--hide-thinking")
+    assert result.exit_code == 0
+    assert result.stderr.splitlines()[0] == (
+        "warning: altered.gguf: this GGUF carries a chat template that differs from QwQ-32B's original; "
+        "using the original (pass template='gguf' to use the file's own)")
+    assert "UserWarning" not in result.stderr

@@ -497,3 +497,4 @@ def test_random_corruption_never_raises_anything_else(tmp_path):
             assert "\n" not in str(exc)
             outcomes["bad"] += 1
     assert outcomes["bad"] > 100  # most corruptions of the header region are caught
+

@@ -217,3 +217,13 @@ def test_info_on_a_missing_file(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "nope.gguf")])
     assert result.exit_code == 5
     assert "no such file" in result.stderr and "nope.gguf" in result.stderr
+
+
+def test_cli_error_line_escapes_control_characters(tmp_path):
+    """Error text can quote names the user did not choose (a crafted file name): the CLI
+    prints control characters escaped, so the error stays one harmless line."""
+    missing = tmp_path / "evil\x1b[2J\nname.gguf"
+    result = runner.invoke(app, ["info", str(missing)])
+    assert result.exit_code == 5
+    assert "\x1b" not in result.stderr and result.stderr.count("\n") == 1, repr(result.stderr)
+    assert "evil\\x1b[2J\\nname.gguf" in result.stderr

@@ -268,6 +268,27 @@ def test_top_k_one_is_greedy(model):
     assert reply.tokens == [argmax]
 
 
+def test_sampler_chain_follows_the_cards_order(model):
+    from qwq_local.decode import Sampling, build_sampler
+
+    lib = backend.llama()
+    chain = build_sampler(lib, model._model, Sampling(presence_penalty=0.5, logit_bias={1: -1.0},
+                                                      grammar='root ::= "a"'), penalty_window=64)
+    try:
+        names = [lib.llama_sampler_name(lib.llama_sampler_chain_get(chain, i)).decode()
+                 for i in range(lib.llama_sampler_chain_n(chain))]
+    finally:
+        lib.llama_sampler_free(chain)
+    assert [n.lstrip("?") for n in names] == ["logit-bias", "grammar", "penalties", "top-k", "top-p", "min-p",
+                                              "temp", "dist"]
+
+
+def test_presence_penalty_discourages_repeats(model):
+    plain = model.chat(USER, max_tokens=30, top_k=1, ignore_eos=True)
+    penalised = model.chat(USER, max_tokens=30, top_k=1, ignore_eos=True, presence_penalty=2.0)
+    assert len(set(penalised.tokens)) > len(set(plain.tokens))
+
+
 def test_bad_sampling_values_are_usage_errors(model):
     with pytest.raises(UsageError, match="top_p"):
         model.chat(USER, top_p=0.0, max_tokens=1)
@@ -298,6 +319,33 @@ def test_same_prompt_again_reuses_all_but_the_last_token(model):
     model.chat(USER, max_tokens=2)
     again = model.chat(USER, max_tokens=2)
     assert again.usage["cached_tokens"] == again.usage["prompt_tokens"] - 1
+
+
+def test_edited_history_reuses_only_the_common_prefix(model, tiny_gguf):
+    """A client that edits an earlier message: the cache is cut back to the tokens the old and
+    new prompts share, never reused past them. The reply (sampled, not greedy) matches a fresh
+    context fed the same prefix and rest, token for token."""
+    model.reset()
+    first = model.chat(USER, max_tokens=6, logit_bias=stop_bias(model), seed=1)
+    history = USER + [first.message(), {"role": "user", "content": "And in raspberry?"}]
+    model.chat(history, max_tokens=6, logit_bias=stop_bias(model), seed=1)
+    edited = [{"role": "user", "content": "How many r's are in cranberry?"}] + history[1:]
+    old = model._cached
+    new = model.tokenize(model.render_prompt(edited))
+    common = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    assert 0 < common < len(new) - 10
+    options = dict(max_tokens=12, logit_bias=stop_bias(model), seed=5, temperature=1.0, top_k=0)
+    warm = model.chat(edited, **options)
+    assert warm.usage["cached_tokens"] == common
+    fresh = QwQ.load(tiny_gguf, n_ctx=512, gpu_layers=0, seed=7)
+    try:
+        fresh._ctx.decode(new[:common], start_pos=0)
+        fresh._cached = new[:common]
+        cold = fresh.chat(edited, **options)
+        assert cold.usage["cached_tokens"] == common
+        assert cold.tokens == warm.tokens
+    finally:
+        fresh.close()
 
 
 # --- other model files ---------------------------------------------------------------------
@@ -356,6 +404,31 @@ def test_abandoned_stream_leaves_a_consistent_cache(model):
     assert again.usage["cached_tokens"] == again.usage["prompt_tokens"] - 1
     model.reset()
     assert model.chat(USER, max_tokens=3, top_k=1).tokens == again.tokens
+
+
+def test_cancel_while_reading_a_long_prompt_stops_between_batches(tiny_gguf):
+    m = QwQ.load(tiny_gguf, n_ctx=512, gpu_layers=0, seed=1, n_batch=64)
+    try:
+        long = [{"role": "user", "content": "strawberry " * 40}]
+        tokens = m.tokenize(m.render_prompt(long))
+        assert len(tokens) > 3 * 64
+
+        class AfterTwoBatches:  # Ctrl-C arriving while the third batch of the prompt is read
+            calls = 0
+
+            def is_set(self):
+                self.calls += 1
+                return self.calls > 2
+
+        reply = m.chat(long, max_tokens=5, cancel=AfterTwoBatches())
+        assert reply.finish_reason == "interrupted" and reply.tokens == []
+        assert m._cached == tokens[:128] and m._ctx.n_past == 128  # what was read is kept
+        again = m.chat(long, max_tokens=3, top_k=1)
+        assert again.usage["cached_tokens"] == 128
+        m.reset()
+        assert m.chat(long, max_tokens=3, top_k=1).tokens == again.tokens
+    finally:
+        m.close()
 
 
 def test_a_threading_event_cancels_too(model):
