@@ -14,6 +14,8 @@ from typing import List, Optional
 import typer
 
 from . import cli_format, constants
+from . import cli_support as opts
+from .cli_support import convert_progress, progress_bar  # noqa: F401  (scripts use them)
 from .errors import QwQLocalError
 
 app = typer.Typer(
@@ -63,48 +65,9 @@ def command(*names: str, **kwargs):
     return decorate
 
 
-@contextlib.contextmanager
-def progress_bar(desc: str, *, unit: str = "B"):
-    """Yield a `progress(done, total)` callback for library functions: a tqdm bar on an
-    interactive stderr, nothing otherwise (pipes, CI, QWQ_LOCAL_NO_PROGRESS=1). An optional
-    third argument, `detail` (e.g. "tensor 3/771"), is shown after the bar."""
-    if not sys.stderr.isatty() or constants.progress_disabled():
-        yield None
-        return
-    from tqdm import tqdm
-
-    # counts of tensors or windows read better unscaled ("3/75", not "3.00/75.0")
-    bar = tqdm(desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
-               leave=False, file=sys.stderr)
-
-    def update(done: int, total: int, detail: str | None = None) -> None:
-        if bar.total != total:
-            bar.total = total
-        if detail is not None and detail != bar.postfix:
-            bar.set_postfix_str(detail, refresh=False)
-        bar.update(done - bar.n)
-
-    try:
-        yield update
-    finally:
-        bar.close()
-
-
 # ============================================================================================
 # convert (issue: convert)
 # ============================================================================================
-
-
-def convert_progress(bar) -> dict:
-    """convert()'s progress keywords for a progress_bar: bytes on the bar, "tensor i/N" after it."""
-    if bar is None:
-        return {}
-    current = [""]
-
-    def on_tensor(i: int, n: int, name: str) -> None:
-        current[0] = f"tensor {i}/{n}"
-
-    return {"progress": lambda done, total: bar(done, total, current[0]), "on_tensor": on_tensor}
 
 
 @command("convert")
@@ -253,47 +216,26 @@ def _sampling_options(*, max_tokens, thinking_budget, temperature, top_p, top_k,
             "ignore_eos": ignore_eos}
 
 
-_MODEL_OPT = typer.Option(..., "-m", "--model", help="A .gguf file or a cached name such as qwq:q4_k_m.")
-_CTX_OPT = typer.Option(constants.DEFAULT_N_CTX, "--ctx", help="Context length in tokens (up to 131072; YaRN above 32768).")
-_GPU_OPT = typer.Option("auto", "--gpu-layers", help="Layers to offload to the GPU: auto, or a number (0: CPU only, -1: all).")
-_THREADS_OPT = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
-_TEMPLATE_OPT = typer.Option(constants.DEFAULT_TEMPLATE_CHOICE, "--template",
-                             help="Chat template: original (QwQ's released one), gguf (the file's), or a .jinja path.")
-_KV_OPT = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 or q4_0.")
-_FA_OPT = typer.Option(None, "--flash-attn/--no-flash-attn", help="Flash attention (default: llama.cpp decides).")
-_MAX_OPT = typer.Option(None, "--max-tokens", help="Cap on generated tokens, thought included (default: until the context is full).")
-_BUDGET_OPT = typer.Option(None, "--thinking-budget", help="Cap on thinking tokens; then the thought is closed and the model answers.")
-_TEMP_OPT = typer.Option(constants.DEFAULT_TEMPERATURE, "--temperature")
-_TOP_P_OPT = typer.Option(constants.DEFAULT_TOP_P, "--top-p")
-_TOP_K_OPT = typer.Option(constants.DEFAULT_TOP_K, "--top-k")
-_MIN_P_OPT = typer.Option(constants.DEFAULT_MIN_P, "--min-p")
-_PRESENCE_OPT = typer.Option(constants.DEFAULT_PRESENCE_PENALTY, "--presence-penalty")
-_SEED_OPT = typer.Option(None, "--seed", help="Sampling seed (default: random).")
-_SYSTEM_OPT = typer.Option(None, "--system", help="System prompt.")
-_IGNORE_EOS_OPT = typer.Option(False, "--ignore-eos", help="Keep generating past end tokens (until --max-tokens or "
-                                                             "the context end), as llama.cpp's --ignore-eos.")
-
-
 @command("run")
 def run_cmd(
     prompt: str = typer.Argument(..., help="The user message ('-' reads it from stdin)."),
-    model: str = _MODEL_OPT,
-    system: Optional[str] = _SYSTEM_OPT,
-    ctx: int = _CTX_OPT,
-    gpu_layers: str = _GPU_OPT,
-    threads: Optional[int] = _THREADS_OPT,
-    max_tokens: Optional[int] = _MAX_OPT,
-    thinking_budget: Optional[int] = _BUDGET_OPT,
-    temperature: float = _TEMP_OPT,
-    top_p: float = _TOP_P_OPT,
-    top_k: int = _TOP_K_OPT,
-    min_p: float = _MIN_P_OPT,
-    presence_penalty: float = _PRESENCE_OPT,
-    seed: Optional[int] = _SEED_OPT,
-    template: str = _TEMPLATE_OPT,
-    kv_type: str = _KV_OPT,
-    flash_attn: Optional[bool] = _FA_OPT,
-    ignore_eos: bool = _IGNORE_EOS_OPT,
+    model: str = opts.MODEL,
+    system: Optional[str] = opts.SYSTEM,
+    ctx: int = opts.CTX,
+    gpu_layers: str = opts.GPU,
+    threads: Optional[int] = opts.THREADS,
+    max_tokens: Optional[int] = opts.MAX,
+    thinking_budget: Optional[int] = opts.BUDGET,
+    temperature: float = opts.TEMP,
+    top_p: float = opts.TOP_P,
+    top_k: int = opts.TOP_K,
+    min_p: float = opts.MIN_P,
+    presence_penalty: float = opts.PRESENCE,
+    seed: Optional[int] = opts.SEED,
+    template: str = opts.TEMPLATE,
+    kv_type: str = opts.KV,
+    flash_attn: Optional[bool] = opts.FA,
+    ignore_eos: bool = opts.IGNORE_EOS,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the thought."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (thinking, content, tool_calls, "
                                                       "finish_reason, usage, timings)."),
@@ -332,23 +274,23 @@ def run_cmd(
 
 @command("chat")
 def chat_cmd(
-    model: str = _MODEL_OPT,
-    system: Optional[str] = _SYSTEM_OPT,
-    ctx: int = _CTX_OPT,
-    gpu_layers: str = _GPU_OPT,
-    threads: Optional[int] = _THREADS_OPT,
-    max_tokens: Optional[int] = _MAX_OPT,
-    thinking_budget: Optional[int] = _BUDGET_OPT,
-    temperature: float = _TEMP_OPT,
-    top_p: float = _TOP_P_OPT,
-    top_k: int = _TOP_K_OPT,
-    min_p: float = _MIN_P_OPT,
-    presence_penalty: float = _PRESENCE_OPT,
-    seed: Optional[int] = _SEED_OPT,
-    template: str = _TEMPLATE_OPT,
-    kv_type: str = _KV_OPT,
-    flash_attn: Optional[bool] = _FA_OPT,
-    ignore_eos: bool = _IGNORE_EOS_OPT,
+    model: str = opts.MODEL,
+    system: Optional[str] = opts.SYSTEM,
+    ctx: int = opts.CTX,
+    gpu_layers: str = opts.GPU,
+    threads: Optional[int] = opts.THREADS,
+    max_tokens: Optional[int] = opts.MAX,
+    thinking_budget: Optional[int] = opts.BUDGET,
+    temperature: float = opts.TEMP,
+    top_p: float = opts.TOP_P,
+    top_k: int = opts.TOP_K,
+    min_p: float = opts.MIN_P,
+    presence_penalty: float = opts.PRESENCE,
+    seed: Optional[int] = opts.SEED,
+    template: str = opts.TEMPLATE,
+    kv_type: str = opts.KV,
+    flash_attn: Optional[bool] = opts.FA,
+    ignore_eos: bool = opts.IGNORE_EOS,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Start with the thought hidden (/think show)."),
 ) -> None:
     """Interactive chat with history (/help inside for commands; Ctrl-C stops an answer)."""
@@ -368,12 +310,12 @@ def chat_cmd(
 
 @command("bench")
 def bench_cmd(
-    model: str = _MODEL_OPT,
+    model: str = opts.MODEL,
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length for pp (tokens/s, batched)."),
     gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens to generate for tg (tokens/s, one at a time)."),
-    threads: Optional[int] = _THREADS_OPT,
-    gpu_layers: str = _GPU_OPT,
-    kv_type: str = _KV_OPT,
+    threads: Optional[int] = opts.THREADS,
+    gpu_layers: str = opts.GPU,
+    kv_type: str = opts.KV,
     repetitions: int = typer.Option(1, "--repetitions", "-r", help="Runs to average."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
