@@ -25,7 +25,7 @@ def check_plot_target(path: Path | str) -> None:
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError(f"writing {Path(path).name} needs matplotlib (pip install matplotlib); "
+            raise UsageError(f"writing {Path(path).name} needs matplotlib (pip install 'qwq-local[plot]', or matplotlib); "
                              "or ask for an SVG chart: --plot chart.svg")
     elif suffix != ".svg":
         raise UsageError(f"--plot {Path(path).name}: use a .svg (built in) or .png (needs matplotlib) file name")
@@ -56,7 +56,7 @@ def _write_plot(results: Sequence, path: Path) -> Path:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            raise UsageError(f"writing {path.name} needs matplotlib (pip install matplotlib); "
+            raise UsageError(f"writing {path.name} needs matplotlib (pip install 'qwq-local[plot]', or matplotlib); "
                              "or ask for an SVG chart: --plot chart.svg") from None
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for r in results:
