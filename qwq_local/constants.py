@@ -41,6 +41,10 @@ TEMPLATE_MAX_SOURCE_CHARS = 1_000_000
 # Variables transformers passes to every template (the tokenizer's special_tokens_map).
 TEMPLATE_SPECIAL_TOKENS = {"eos_token": IM_END, "pad_token": ENDOFTEXT}
 
+# The llama-cpp-python release whose low-level ctypes API (struct layouts, function
+# signatures) qwq-local drives; pyproject pins the same version.
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
 # --- Sampling (model card: never greedy, no repeat penalty, this sampler order) -------------
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.95

@@ -196,9 +196,9 @@ def amx_status(*, probe: bool = True) -> dict:
 
 
 REINSTALL = {
-    "CUDA": 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python',
-    "Metal": 'CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-cache-dir llama-cpp-python',
-    "Vulkan": 'CMAKE_ARGS="-DGGML_VULKAN=on" pip install --force-reinstall --no-cache-dir llama-cpp-python',
+    name: f'CMAKE_ARGS="-DGGML_{flag}=on" pip install --force-reinstall --no-cache-dir '
+          f'llama-cpp-python=={constants.LLAMA_CPP_PYTHON_VERSION}'
+    for name, flag in (("CUDA", "CUDA"), ("Metal", "METAL"), ("Vulkan", "VULKAN"))
 }
 
 

@@ -86,7 +86,8 @@ def test_doctor_table():
     assert "llama-cpp-python" in out and "GPU offload" in out and "AMX" in out and "QwQ-32B" in out
     if not hardware.build().gpu_offload:
         assert "NOT supported" in out
-        assert 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python' in out
+        assert ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
+                f'llama-cpp-python=={constants.LLAMA_CPP_PYTHON_VERSION}') in out
 
 
 def test_doctor_shows_the_amx_override(monkeypatch):
