@@ -405,7 +405,7 @@ def info_cmd(
 def plan_cmd(
     model: str = typer.Option(..., "-m", "--model", help="A .gguf file or a model name (qwq:q4_k_m)."),
     ctx: int = typer.Option(constants.DEFAULT_N_CTX, "--ctx", help="Context length in tokens."),
-    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 or q4_0."),
+    kv_type: str = opts.KV,
     flash_attn: Optional[bool] = typer.Option(
         None, "--flash-attn/--no-flash-attn", help="Flash attention (default: auto, which is on)."),
     gpu_layers: str = typer.Option("0", "--gpu-layers", help="auto, all, or a number of layers."),

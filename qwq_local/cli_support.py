@@ -47,14 +47,18 @@ def convert_progress(bar) -> dict:
     return {"progress": lambda done, total: bar(done, total, current[0]), "on_tensor": on_tensor}
 
 
-# Options shared by `run` and `chat` (typer needs them as parameter defaults).
+def _lower(value: str) -> str:
+    return value.lower()
+
+
+# Options shared by `run`, `chat` and `plan` (typer needs them as parameter defaults).
 MODEL = typer.Option(..., "-m", "--model", help="A .gguf file or a cached name such as qwq:q4_k_m.")
 CTX = typer.Option(constants.DEFAULT_N_CTX, "--ctx", help="Context length in tokens (up to 131072; YaRN above 32768).")
 GPU = typer.Option("auto", "--gpu-layers", help="Layers to offload to the GPU: auto, or a number (0: CPU only, -1: all).")
 THREADS = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
 TEMPLATE = typer.Option(constants.DEFAULT_TEMPLATE_CHOICE, "--template",
                      help="Chat template: original (QwQ's released one), gguf (the file's), or a .jinja path.")
-KV = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 or q4_0.")
+KV = typer.Option("f16", "--kv-type", callback=_lower, help="KV cache type: f16, q8_0 or q4_0.")
 FA = typer.Option(None, "--flash-attn/--no-flash-attn", help="Flash attention (default: llama.cpp decides).")
 MAX = typer.Option(None, "--max-tokens", help="Cap on generated tokens, thought included (default: until the context is full).")
 BUDGET = typer.Option(None, "--thinking-budget", help="Cap on thinking tokens; then the thought is closed and the model answers.")

@@ -142,6 +142,7 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
     planned, i.e. CPU-only plans or builds with GPU offload).
     """
     shape = read_shape(model)
+    kv_type = kv_type.lower()
     if isinstance(gpu_layers, str) and gpu_layers.strip().lower() == "auto":
         fit = auto_gpu_layers(shape, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
                               n_ubatch=n_ubatch, vram=vram, ram=ram, use_mmap=use_mmap, repack=repack,

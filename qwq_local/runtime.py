@@ -95,6 +95,7 @@ class QwQ:
         """
         from .template import select_template
 
+        kv_type = kv_type.lower()  # Q8_0 and q8_0 alike, as quant type names
         if kv_type not in constants.KV_TYPES:
             raise UsageError(f"kv_type must be one of {', '.join(constants.KV_TYPES)}, not {kv_type!r}")
         if kv_type != "f16" and flash_attn is False:

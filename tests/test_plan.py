@@ -372,3 +372,12 @@ def test_runtime_refuses_a_model_bigger_than_this_machine_before_loading(tmp_pat
     result = CliRunner().invoke(app, ["run", "-m", str(big), "hi"])
     assert result.exit_code == InsufficientMemoryError.exit_code
     assert result.output.count("\n") <= 2 and "Traceback" not in result.output
+
+
+def test_kv_type_names_are_case_insensitive(tiny_gguf):
+    """Q8_0 or q8_0, as quant type names are: the CLI and the library agree."""
+    upper = plan(tiny_gguf, n_ctx=1024, kv_type="Q8_0").to_dict()
+    assert upper["kv_bytes"] == plan(tiny_gguf, n_ctx=1024, kv_type="q8_0").to_dict()["kv_bytes"]
+    result = CliRunner().invoke(app, ["plan", "-m", str(tiny_gguf), "--ctx", "1024", "--kv-type", "Q8_0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["kv_bytes"] == upper["kv_bytes"]
