@@ -42,10 +42,10 @@ def write_plot(results: Sequence, path: Path | str) -> Path:
 
 
 def _write_plot(results: Sequence, path: Path) -> Path:
+    from .fileutil import atomic_output
+
     suffix = path.suffix.lower()
     if suffix == ".svg":
-        from .fileutil import atomic_output
-
         with atomic_output(path) as tmp:
             tmp.write_text(svg_chart(results), encoding="utf-8")
         return path
@@ -66,7 +66,8 @@ def _write_plot(results: Sequence, path: Path) -> Path:
         ax.set_xlabel("file size (GiB)")
         ax.set_ylabel("mean KL divergence vs reference")
         fig.tight_layout()
-        fig.savefig(path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
         return path
     raise UsageError(f"--plot {path.name}: use a .svg (built in) or .png (needs matplotlib) file name")
