@@ -429,8 +429,12 @@ def plan_cmd(
              vram=parse_size(vram) if vram else None, ram=parse_size(ram) if ram else None, dry_run=dry_run)
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=2))
-        return
-    typer.echo(cli_format.plan_table(p.to_dict()))
+    else:
+        typer.echo(cli_format.plan_table(p.to_dict()))
+    if not p.fits:  # scripts can test the exit code, as for a refused load
+        from .errors import InsufficientMemoryError
+
+        raise typer.Exit(InsufficientMemoryError.exit_code)
 
 
 @command("doctor")

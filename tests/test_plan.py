@@ -264,6 +264,12 @@ def test_plan_cli_json_and_table(mid_quants):
     res = runner.invoke(app, ["plan", "-m", path, "--kv-type", "q4_0", "--no-flash-attn"])
     assert res.exit_code == 2 and "flash attention" in res.output
 
+    # A fixed placement that does not fit is shown, and the exit code says so.
+    res = runner.invoke(app, ["plan", "-m", path, "--vram", "0", "--ram", "10M"])
+    assert res.exit_code == 8 and "does NOT fit" in res.output
+    res = runner.invoke(app, ["plan", "-m", path, "--vram", "0", "--ram", "10M", "--json"])
+    assert res.exit_code == 8 and json.loads(res.output)["fits"] is False
+
 
 def _write_split_gguf(base, *, n_embd=256, n_layer=2, n_head=4, n_kv=2, n_ff=512, n_vocab=512):
     """A small qwen2 GGUF in 3 parts (base-0000k-of-00003.gguf), as gguf-py splits files."""
