@@ -259,13 +259,19 @@ class QwQ:
             cached, complete = self._prefill(tokens, cancel)
             prompt_s = time.perf_counter() - t0
             # A prefill stopped by `cancel` leaves it set: the loop below ends before sampling.
+            no_room = False
             if thinking_budget == 0 and complete:
-                # No thought at all: close it before the first sampled token.
-                yield from self._inject_close(ctx, chain, splitter, sampling, state, thinking_parts)
-            loop = run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
-                            thinking_budget=thinking_budget or None, close_tokens=self._close_tokens,
-                            close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
-                            accept_injected=not sampling.grammar)
+                # No thought at all: close it before the first sampled token, if it fits.
+                no_room = ctx.n_past + len(self._close_tokens) >= self.n_ctx
+                if no_room:
+                    state.finish_reason = "length"
+                else:
+                    yield from self._inject_close(ctx, chain, splitter, sampling, state, thinking_parts)
+            loop = ((kind, text) for kind, text in ()) if no_room else (
+                    run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
+                             thinking_budget=thinking_budget or None, close_tokens=self._close_tokens,
+                             close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
+                             accept_injected=not sampling.grammar))
             hold = max((len(s) for s in stops), default=1) - 1
             pending = ""  # answer text held back while it could be the start of a stop string
             stopped = False

@@ -186,6 +186,20 @@ def test_thinking_budget_zero_answers_at_once(model):
     assert reply.content
 
 
+def test_thinking_budget_zero_without_room_to_close_finishes_with_length(model, tiny_gguf):
+    """The closing text does not fit after the prompt: the reply ends with "length" instead of
+    overrunning the context (or raising from llama.cpp)."""
+    n_prompt = len(model.tokenize(model.render_prompt(USER)))
+    m = QwQ.load(tiny_gguf, n_ctx=n_prompt + 2, gpu_layers=0, seed=1)
+    try:
+        reply = m.chat(USER, thinking_budget=0, logit_bias=stop_bias(m))
+        assert reply.finish_reason == "length"
+        assert reply.usage["completion_tokens"] == 0 and reply.thinking == "" and reply.content == ""
+        assert m.chat(USER, thinking_budget=0, max_tokens=1).finish_reason == "length"  # still usable
+    finally:
+        m.close()
+
+
 def test_without_budget_everything_is_thought(model):
     reply = model.chat(USER, max_tokens=10, logit_bias=stop_bias(model))
     assert reply.usage["thinking_tokens"] == 10 and reply.content == ""
