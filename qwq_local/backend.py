@@ -15,7 +15,6 @@ import collections
 import contextlib
 import ctypes
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any, Iterator, Sequence
 
 from . import constants
 from .errors import RuntimeLoadError, UsageError
+from .fileutil import read_json_record, write_json_record
 
 _LOCK = threading.Lock()
 _LOG: collections.deque[str] = collections.deque(maxlen=2000)
@@ -118,6 +118,11 @@ def _probe_cache() -> Path:
     return constants.cache_dir() / "extra_bufts_probe.json"
 
 
+def probe_record() -> dict:
+    """The cached probe verdict: {"key", "ok", "reason"}, or {} before the first probe."""
+    return read_json_record(_probe_cache())
+
+
 def extra_bufts_allowed() -> bool:
     """Whether loading with extra buffer types is safe on this machine.
 
@@ -133,20 +138,13 @@ def extra_bufts_allowed() -> bool:
     if cached is not None:
         return cached
     key = f"{llama_cpp_version()}|{_cpu_identity()}"
-    path = _probe_cache()
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        record = {}
-    if isinstance(record, dict) and record.get("key") == key and isinstance(record.get("ok"), bool):
+    record = probe_record()
+    if record.get("key") == key and isinstance(record.get("ok"), bool):
         ok = record["ok"]
     else:
         result = probe_extra_bufts()
         ok = result["ok"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, **result}))
-        os.replace(tmp, path)
+        write_json_record(_probe_cache(), {"key": key, **result})
     _STATE["extra_bufts"] = ok
     return ok
 

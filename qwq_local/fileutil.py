@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import constants
 from .errors import DiskSpaceError, UsageError
@@ -79,3 +81,39 @@ def atomic_output(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def sha256_file(path: Path, *, limit: int | None = None,
+                progress: Callable[[int], None] | None = None) -> str:
+    """Stream-hash a file (or its first `limit` bytes) in fixed chunks: memory stays bounded
+    for 20 GB files. `progress(n)` is told the size of each chunk hashed."""
+    digest = hashlib.sha256()
+    remaining = limit
+    with open(path, "rb") as f:
+        while remaining is None or remaining > 0:
+            size = constants.COPY_CHUNK_BYTES if remaining is None else min(remaining, constants.COPY_CHUNK_BYTES)
+            chunk = f.read(size)
+            if not chunk:
+                break
+            digest.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return digest.hexdigest()
+
+
+def read_json_record(path: Path) -> dict:
+    """A small JSON cache file as a dict; {} when it is missing, damaged or not an object (a
+    lost record only costs redoing the work it remembered)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_record(path: Path, data: dict) -> None:
+    """Replace a JSON cache file atomically, so concurrent readers never see half of it."""
+    with atomic_output(Path(path)) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

@@ -10,7 +10,6 @@ recommendedMaxWorkingSetSize is not reachable without Objective-C bindings).
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import platform
 import re
@@ -182,16 +181,13 @@ def amx_status(*, probe: bool = True) -> dict:
 
     # Probe first (it writes the record on a first run), then read why it decided so.
     allowed = backend.extra_bufts_allowed() if probe else None
-    try:
-        record = json.loads((constants.cache_dir() / "extra_bufts_probe.json").read_text())
-    except (OSError, ValueError):
-        record = None
+    record = backend.probe_record()
     return {
         "advertised": backend.cpu_advertises_amx(),
         "extra_buffer_types": allowed,
         "override": f"{constants.ENV_AMX}={os.environ[constants.ENV_AMX]}" if os.environ.get(constants.ENV_AMX) else None,
-        "probe_ok": record.get("ok") if isinstance(record, dict) else None,
-        "probe_reason": record.get("reason") if isinstance(record, dict) else None,
+        "probe_ok": record.get("ok"),
+        "probe_reason": record.get("reason"),
     }
 
 

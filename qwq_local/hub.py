@@ -21,7 +21,7 @@ from typing import Any
 
 from . import constants
 from .errors import BadModelFileError, HubError, ModelNotFoundError, UsageError
-from .fileutil import check_free_space, human_bytes
+from .fileutil import check_free_space, human_bytes, sha256_file
 from .hub_cache import (
     ModelRef,
     Progress,
@@ -40,7 +40,6 @@ from .hub_cache import (
     remove_cached_file,
     repo_storage,
     select_group,
-    sha256_file,
     split_parts,
 )
 

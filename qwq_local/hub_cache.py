@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Callable, Iterable, Optional
 
 from . import constants
 from .errors import ModelNotFoundError, UsageError
-from .fileutil import atomic_output
+from .fileutil import read_json_record, write_json_record
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -237,33 +235,16 @@ def blob_sha256(path: Path) -> str | None:
 # --- hashing and verification records -------------------------------------------------------
 
 
-def sha256_file(path: Path, *, progress: Callable[[int], None] | None = None) -> str:
-    """Stream-hash in fixed chunks: memory stays bounded for 20 GB files."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(constants.COPY_CHUNK_BYTES):
-            digest.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    return digest.hexdigest()
-
-
 def _records_path() -> Path:
     return constants.cache_dir() / constants.VERIFIED_RECORD_FILE
 
 
 def _load_records() -> dict:
-    try:
-        data = json.loads(_records_path().read_text())
-    except (OSError, ValueError):
-        return {}  # a lost or damaged record only costs a re-hash
-    return data if isinstance(data, dict) else {}
+    return read_json_record(_records_path())
 
 
 def _save_records(records: dict) -> None:
-    path = _records_path()
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
+    write_json_record(_records_path(), records)
 
 
 def _stat_key(path: Path) -> tuple[str, dict] | None:

@@ -5,7 +5,6 @@ and the command lines that reproduce each file)."""
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -13,16 +12,9 @@ from typing import Callable, Sequence
 
 from . import constants
 from .errors import UsageError
+from .fileutil import sha256_file
 
 MANIFEST_NAME = "manifest.json"
-
-
-def sha256_file(path: Path, *, chunk: int = constants.COPY_CHUNK_BYTES) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def release_name(source: str | Path) -> str:

@@ -12,8 +12,6 @@ region and the llama-cpp-python version, so later loads skip the child.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import signal
@@ -24,6 +22,7 @@ from pathlib import Path
 
 from . import constants
 from .errors import BadModelFileError, RuntimeLoadError
+from .fileutil import read_json_record, sha256_file, write_json_record
 from .gguf_check import GGUFInfo, inspect_gguf
 
 # How many child loads this process has started (lets tests observe the cache working).
@@ -60,16 +59,7 @@ def is_validated(path: Path | str, info: GGUFInfo | None = None) -> bool:
 
 def header_sha256(path: Path, data_offset: int) -> str:
     """sha256 of bytes [0, data_offset): every key/value and tensor description."""
-    digest = hashlib.sha256()
-    remaining = data_offset
-    with open(path, "rb") as f:
-        while remaining > 0:
-            chunk = f.read(min(remaining, 1 << 20))
-            if not chunk:
-                break
-            digest.update(chunk)
-            remaining -= len(chunk)
-    return digest.hexdigest()
+    return sha256_file(path, limit=data_offset)
 
 
 def record_key(path: Path, info: GGUFInfo) -> str:
@@ -85,11 +75,7 @@ def _records_path() -> Path:
 
 
 def _read_records() -> dict:
-    try:
-        data = json.loads(_records_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    records = data.get("records") if isinstance(data, dict) else None
+    records = read_json_record(_records_path()).get("records")
     return records if isinstance(records, dict) else {}
 
 
@@ -98,15 +84,10 @@ def _add_record(key: str, path: Path) -> None:
     records[key] = {"path": str(path), "checked_at": time.time()}
     newest = sorted(records.items(), key=lambda kv: kv[1].get("checked_at", 0) if isinstance(kv[1], dict) else 0)
     records = dict(newest[-constants.VALIDATED_RECORD_MAX:])
-    target = _records_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps({"records": records}, indent=1))
-        os.replace(tmp, target)
+        write_json_record(_records_path(), {"records": records})
     except OSError:
-        # A read-only cache only costs a repeated check next time; never fail a load over it.
-        tmp.unlink(missing_ok=True)
+        pass  # a read-only cache only costs a repeated check next time; never fail a load over it
 
 
 def load_in_child(path: Path, *, timeout_s: float | None = None) -> None:
