@@ -77,13 +77,26 @@ def _from_f32(values, qtype: str, cols: int):
     if qtype == "F16":
         return values.astype(np.float16)
     if qtype == "BF16":
-        u = values.view(np.uint32)
-        # quiet NaNs first (as gguf-py does) so the rounding add cannot carry into the sign
-        u = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u & 0xFFFF0000) | 0x00400000, u).astype(np.uint32)
-        return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+        return f32_to_bf16_bits(values)
     import gguf
 
     return gguf.quants.quantize(values.reshape(-1, cols), gguf.GGMLQuantizationType[qtype])
+
+
+def f32_to_bf16_bits(values):
+    """Round-to-nearest-even float32 -> bfloat16, as uint16 bit patterns."""
+    import numpy as np
+
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    # quiet NaNs first (as gguf-py does) so the rounding add cannot carry into the sign
+    u = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u & 0xFFFF0000) | 0x00400000, u).astype(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def bf16_bits_to_f32(bits):
+    import numpy as np
+
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
 _LUT: dict[str, object] = {}
@@ -96,7 +109,7 @@ def _bf16_to_f16_table():
     if table is None:
         import numpy as np
 
-        every = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+        every = bf16_bits_to_f32(np.arange(1 << 16, dtype=np.uint32))
         with np.errstate(over="ignore"):
             table = _LUT["bf16->f16"] = every.astype(np.float16).view(np.uint16)
     return table

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from . import constants
+from .convert_data import bf16_bits_to_f32, f32_to_bf16_bits  # noqa: F401  (part of this module's API)
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -82,16 +83,6 @@ def tensor_shapes(spec: TinySpec, vocab_rows: int) -> list[tuple[str, tuple[int,
     if not spec.tie_word_embeddings:
         shapes.append(("lm_head.weight", (vocab_rows, h)))
     return shapes
-
-
-def f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 -> bfloat16, as uint16 bit patterns."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
