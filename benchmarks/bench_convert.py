@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark `qwq_local.convert` against a plain `cp` of the same shard bytes.
 
-Generates a QwQ-shaped checkpoint of about 1 GB (qwq_local.testing.make_tiny_checkpoint with a
+Generates a QwQ-shaped checkpoint of about 1 GB (qwq_local.synthetic.make_tiny_checkpoint with a
 bigger TinySpec) in a work directory, then times, each in its own child process:
   - `cp` of the shards (and `cp` + `sync` of the copy, since convert fsyncs its output),
   - our convert for each --outtypes value (peak RSS of the converting process from wait4's
@@ -51,13 +51,13 @@ def _python(code: str, *args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
-GEN_CODE = "import json, sys\nfrom qwq_local.testing import make_tiny_checkpoint\n" \
+GEN_CODE = "import json, sys\nfrom qwq_local.synthetic import make_tiny_checkpoint\n" \
            "make_tiny_checkpoint(sys.argv[1], **json.loads(sys.argv[2]))\n"
 CONVERT_CODE = "import sys\nfrom qwq_local.convert import convert\nconvert(sys.argv[1], sys.argv[2], outtype=sys.argv[3])\n"
 BIG_VOCAB_CODE = f"""
 import json, sys
 from pathlib import Path
-from qwq_local.testing import make_tiny_checkpoint
+from qwq_local.synthetic.factory import make_tiny_checkpoint
 ck = make_tiny_checkpoint(sys.argv[1], hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
                           intermediate_size=128, pad_vocab_to={QWQ_ROWS})
 tok = json.loads((ck / "tokenizer.json").read_text())
@@ -97,7 +97,7 @@ def _measure(runs: dict[str, list[str]], repeat: int, cleanup) -> dict[str, tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qwq-bench-convert"))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--outtypes", default="bf16,f16,q8_0")

@@ -19,11 +19,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from qwq_local.convert import convert
-from qwq_local.plan import plan
-from qwq_local.plan_measure import measure
-from qwq_local.quantize import quantize
-from qwq_local.testing import make_tiny_checkpoint
+from qwq_local.convert.pipeline import convert
+from qwq_local.plan.memory import plan
+from qwq_local.plan.measure import measure
+from qwq_local.quantize.quantizer import quantize
+from qwq_local.synthetic.factory import make_tiny_checkpoint
 
 MiB = 1024 * 1024
 SETTINGS = [  # (n_ctx, kv_type, flash_attn)
@@ -33,7 +33,7 @@ SETTINGS = [  # (n_ctx, kv_type, flash_attn)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=4096)
@@ -105,7 +105,7 @@ def _write_qwq_shaped(path: Path, n_layer: int) -> None:
     import numpy as np
 
     from qwq_local import constants
-    from qwq_local.testing import write_qwen2_gguf
+    from qwq_local.synthetic.factory import write_qwen2_gguf
 
     dims = constants.QWQ_32B_DIMS
     q4 = gguf.GGMLQuantizationType.Q4_0

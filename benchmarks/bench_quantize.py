@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from qwq_local import backend
-from qwq_local.convert import convert
+from qwq_local.backend import binding as backend
+from qwq_local.convert.pipeline import convert
 from qwq_local.fileutil import human_bytes
-from qwq_local.quant_types import resolve_type
-from qwq_local.quantize import quantize
-from qwq_local.testing import make_tiny_checkpoint
+from qwq_local.quantize.types import resolve_type
+from qwq_local.quantize.quantizer import quantize
+from qwq_local.synthetic.factory import make_tiny_checkpoint
 
 
 def bare(src: Path, dst: Path, ftype: int, threads: int) -> float:
@@ -46,7 +46,7 @@ def ours(src: Path, dst: Path, qtype: str, threads: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", nargs="+", default=["Q8_0", "Q4_K_M"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=backend.default_threads())

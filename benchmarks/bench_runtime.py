@@ -26,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwq_local import backend, constants  # noqa: E402
-from qwq_local.decode import Sampling, build_sampler  # noqa: E402
+from qwq_local.backend import binding as backend  # noqa: E402
+from qwq_local import constants
+from qwq_local.runtime.decode import Sampling, build_sampler  # noqa: E402
 
 SPEC = {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
         "intermediate_size": 2816, "num_shards": 1}
@@ -35,9 +36,9 @@ PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse kee
 
 
 def build_model(workdir: Path) -> Path:
-    from qwq_local.convert import convert
-    from qwq_local.quantize import quantize
-    from qwq_local.testing import make_tiny_checkpoint
+    from qwq_local.convert.pipeline import convert
+    from qwq_local.quantize.quantizer import quantize
+    from qwq_local.synthetic.factory import make_tiny_checkpoint
 
     out = workdir / "bench-1024x8-Q4_K_M.gguf"
     if out.exists():
@@ -119,7 +120,7 @@ def high_level_loop(llm, prompt: list[int], n: int, eog_bias: dict, seed: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--workdir", type=Path, default=constants.cache_dir() / "bench")
     parser.add_argument("--tokens", type=int, default=256)

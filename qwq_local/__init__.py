@@ -38,9 +38,9 @@ _LAZY = {
     "Reply": "runtime",
     "Event": "runtime",
     "Cancel": "runtime",
-    "render_prompt": "template",
-    "inspect_gguf": "gguf_check",
-    "ensure_loadable": "safe_load",
+    "render_prompt": "chat",
+    "inspect_gguf": "gguf",
+    "ensure_loadable": "gguf",
     "pull": "hub",
     "resolve_model": "hub",
     "list_models": "hub",
@@ -49,10 +49,10 @@ _LAZY = {
 # These functions share their module's name: importing them here (cheap: their heavy
 # dependencies load lazily) keeps `qwq_local.convert` the function even after
 # `import qwq_local.convert` has run, which would otherwise rebind it to the module.
-from .convert import convert  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .plan import plan  # noqa: E402
-from .quantize import quantize  # noqa: E402
+from .convert.pipeline import convert  # noqa: E402
+from .quantize.evaluate import evaluate  # noqa: E402
+from .plan.memory import plan  # noqa: E402
+from .quantize.quantizer import quantize  # noqa: E402
 
 __all__ = [
     *_LAZY,

@@ -1,6 +1,6 @@
 """Every default and environment variable of qwq-local, in one place.
 
-Values here come from QwQ-32B's model card and released files (see README "Model facts").
+Values here come from QwQ-32B's model card and released files (config.json, generation_config.json).
 Other modules import from here instead of repeating literals.
 """
 
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+# Files shipped in the package (QwQ's template, added tokens, eval text, the tiny tokenizer).
+DATA_DIR = Path(__file__).parent / "data"
 
 # --- Model identity -------------------------------------------------------------------------
 QWQ_REPO_ID = "Qwen/QwQ-32B"
@@ -93,7 +96,7 @@ VERIFIED_RECORD_FILE = "verified.json"
 # huggingface_hub's own switch; read again at call time so setting it after import still counts.
 ENV_HF_OFFLINE = "HF_HUB_OFFLINE"
 
-# --- Untrusted model files (gguf_check / safe_load) ------------------------------------------
+# --- Untrusted model files (gguf/check.py, gguf/safe_load.py) ------------------------------------------
 # One GGUF string (a key, a token, the chat template) larger than this is refused: real ones
 # are at most a few hundred KB, and the bound keeps a hostile header from filling memory.
 GGUF_MAX_STRING_BYTES = 64 * 1024 * 1024

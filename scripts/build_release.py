@@ -9,7 +9,7 @@ import sys
 
 from qwq_local import constants
 from qwq_local.errors import QwQLocalError
-from qwq_local.release import build_release
+from qwq_local.quantize.release import build_release
 
 
 def main() -> int:

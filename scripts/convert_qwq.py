@@ -15,7 +15,7 @@ from qwq_local.errors import QwQLocalError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", nargs="?", default=constants.QWQ_REPO_ID,
                         help="checkpoint directory or Hugging Face repo id (default: %(default)s)")
     parser.add_argument("-o", "--output", required=True, help="GGUF file to write")
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     args = parser.parse_args(argv)
 
-    from qwq_local.cli import convert_progress, progress_bar
-    from qwq_local.convert import convert
+    from qwq_local.cli.options import convert_progress, progress_bar
+    from qwq_local.convert.pipeline import convert
 
     try:
         with progress_bar("convert") as bar:

@@ -1,5 +1,5 @@
 """Regenerate qwq_local/data/tiny_tokenizer.json: the byte-level BPE base vocabulary that the
-tiny QwQ-shaped test checkpoints use (added tokens are appended by qwq_local.testing).
+tiny QwQ-shaped test checkpoints use (added tokens are appended by qwq_local.synthetic).
 
 Needs the `tokenizers` library (test extra). The output is committed so that the demo and the
 tests need no training step: run this only to change the tiny vocabulary.
@@ -45,7 +45,7 @@ def corpus() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab-size", type=int, default=2000)
     ap.add_argument("-o", "--output", type=Path,
                     default=Path(__file__).resolve().parents[1] / "qwq_local/data/tiny_tokenizer.json")

@@ -6,7 +6,11 @@
 
 import sys
 
+import typer
+
 from qwq_local.cli import app
 
 if __name__ == "__main__":
-    sys.exit(app(["quantize", *sys.argv[1:]], standalone_mode=True))
+    command = typer.main.get_command(app).commands["quantize"]
+    command.help = f"{__doc__.strip()}\n\n{command.help}"
+    sys.exit(command.main(sys.argv[1:], prog_name="quantize_qwq.py"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwq_local import testing
+from qwq_local.synthetic import factory as testing
 
 # GGUF value types
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
@@ -174,7 +174,7 @@ def write_sparse_gguf(path: Path, shape) -> Path:
     import gguf
     import numpy as np
 
-    from qwq_local.quant_types import ggml_row_bytes
+    from qwq_local.quantize.types import ggml_row_bytes
 
     by_name = {t.name: t for t in shape.tensors}
     w = gguf.GGUFWriter(str(path), "qwen2")

@@ -1,0 +1,484 @@
+"""The one place that drives llama.cpp (through llama-cpp-python's low-level ctypes API).
+
+Everything that loads a model or a context goes through here, so that:
+- llama.cpp's log goes to a ring buffer (shown with QWQ_LOCAL_DEBUG=1, quoted in errors);
+- every load validates the file first (our own GGUF checks, and a first load in a child
+  process, so an abort() inside llama.cpp cannot kill the caller);
+- extra buffer types (weight repacking: AMX and friends) are used only where a cached probe in a
+  child process showed that they work. On CPUs that advertise AMX, this llama.cpp's AMX kernel
+  faults on quantized prompt batches (SIGSEGV/SIGILL in `ldtilecfg`), also inside many VMs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .. import constants
+from ..errors import RuntimeLoadError, UsageError
+from ..fileutil import read_json_record, write_json_record
+
+_LOCK = threading.Lock()
+_LOG: collections.deque[str] = collections.deque(maxlen=2000)
+_CAPTURES: list[list[str]] = []
+_STATE: dict[str, Any] = {}
+
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+
+
+def llama():
+    """Import llama_cpp once, route its log to our buffer, initialise the backend."""
+    lib = _STATE.get("lib")
+    if lib is not None:
+        return lib
+    with _LOCK:
+        if "lib" in _STATE:
+            return _STATE["lib"]
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def _on_log(level: int, text: bytes, user_data) -> None:
+            line = text.decode("utf-8", errors="replace") if text else ""
+            _LOG.append(line)
+            for sink in _CAPTURES:
+                sink.append(line)
+            if constants.debug_enabled():
+                sys.stderr.write(line)
+
+        _STATE["log_cb"] = _on_log  # a ctypes callback must outlive every call into llama.cpp
+        llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _STATE["lib"] = llama_cpp
+        return llama_cpp
+
+
+def log_tail(lines: int = 20) -> str:
+    """The last lines llama.cpp logged, for error messages."""
+    text = "".join(list(_LOG)[-lines * 4:])
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def capture_log() -> Iterator[list[str]]:
+    """Collect everything llama.cpp logs inside the block (used to read its buffer sizes)."""
+    sink: list[str] = []
+    _CAPTURES.append(sink)
+    try:
+        yield sink
+    finally:
+        _CAPTURES.remove(sink)
+
+
+def system_info() -> str:
+    return llama().llama_print_system_info().decode("utf-8", errors="replace")
+
+
+def llama_cpp_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - editable builds
+        return getattr(llama(), "__version__", "unknown")
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra buffer types (AMX / repack): probed once per llama.cpp build and CPU, in a child process
+# ---------------------------------------------------------------------------------------------
+
+def _cpu_identity() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    model = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return model + "|" + hashlib.sha256(flags.encode()).hexdigest()[:16]
+
+
+def cpu_advertises_amx() -> bool:
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_tile" in flags.split()
+
+
+def _probe_cache() -> Path:
+    return constants.cache_dir() / "extra_bufts_probe.json"
+
+
+def probe_record() -> dict:
+    """The cached probe verdict: {"key", "ok", "reason"}, or {} before the first probe."""
+    return read_json_record(_probe_cache())
+
+
+def extra_bufts_allowed() -> bool:
+    """Whether loading with extra buffer types is safe on this machine.
+
+    QWQ_LOCAL_AMX=off|on overrides; otherwise a child process decodes a quantized batch with
+    them on, once per (llama-cpp-python version, CPU); a crash there means "not safe".
+    """
+    forced = os.environ.get(constants.ENV_AMX, "").strip().lower()
+    if forced in {"off", "0", "false", "no"}:
+        return False
+    if forced in {"on", "1", "true", "yes"}:
+        return True
+    cached = _STATE.get("extra_bufts")
+    if cached is not None:
+        return cached
+    key = f"{llama_cpp_version()}|{_cpu_identity()}"
+    record = probe_record()
+    if record.get("key") == key and isinstance(record.get("ok"), bool):
+        ok = record["ok"]
+    else:
+        result = probe_extra_bufts()
+        ok = result["ok"]
+        write_json_record(_probe_cache(), {"key": key, **result})
+    _STATE["extra_bufts"] = ok
+    return ok
+
+
+def probe_extra_bufts(*, command: Sequence[str] | None = None, timeout: float = 120.0) -> dict:
+    """Run the probe child (or `command`, for tests) and classify how it ended."""
+    if command is None:
+        models = _write_probe_models(constants.cache_dir())
+        command = [sys.executable, "-m", "qwq_local.backend", "--probe-extra-bufts", *map(str, models)]
+    try:
+        proc = subprocess.run(list(command), capture_output=True, timeout=timeout, text=True,
+                              env={**os.environ, constants.ENV_AMX: ""})
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"probe timed out after {timeout:.0f}s"}
+    if proc.returncode == 0 and "probe-ok" in proc.stdout:
+        return {"ok": True, "reason": "quantized batch decoded with extra buffer types"}
+    if proc.returncode < 0:
+        import signal
+
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else str(-proc.returncode)
+        return {"ok": False, "reason": f"probe child killed by {name} (llama.cpp's AMX/repack kernel faults here)"}
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"ok": False, "reason": f"probe child exited {proc.returncode}: {' | '.join(tail)}"}
+
+
+def _write_probe_models(directory: Path) -> list[Path]:
+    """Small qwen2 GGUFs whose matrices are Q4_0, and Q4_K + Q6_K (a Q4_K_M mix): the types of
+    the quants users run, with rows that llama.cpp's AMX and repack kernels accept."""
+    import gguf
+    import numpy as np
+
+    from ..synthetic.factory import write_qwen2_gguf
+
+    q4_0, q4_k_m = directory / "probe-q4_0.gguf", directory / "probe-q4_k_m.gguf"
+    if q4_0.exists() and q4_k_m.exists():
+        return [q4_0, q4_k_m]
+    directory.mkdir(parents=True, exist_ok=True)
+    dims = dict(n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512, n_vocab=257, context_length=512)
+
+    def write(path: Path, matrix) -> Path:
+        rng = np.random.default_rng(0)
+
+        def tensor(name: str, shape: tuple[int, ...]):
+            if len(shape) == 1:
+                return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+            return matrix((rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])).astype(np.float32))
+
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        write_qwen2_gguf(tmp, tensor=tensor, **dims)
+        os.replace(tmp, path)
+        return path
+
+    t = gguf.GGMLQuantizationType.Q4_0
+    write(q4_0, lambda data: (gguf.quants.quantize(data, t), t))
+    # K-quants cannot be made in numpy: quantize an f32 copy with llama.cpp (a file-to-file
+    # operation that computes nothing, so it is safe in this process).
+    f32 = write(directory / "probe-f32.gguf", lambda data: data)
+    lib = llama()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = lib.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    tmp = q4_k_m.with_name(q4_k_m.name + f".tmp{os.getpid()}")
+    rc = lib.llama_model_quantize(str(f32).encode(), str(tmp).encode(), ctypes.byref(params))
+    f32.unlink()
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeLoadError(f"could not build the extra-buffer probe model: {log_tail(3)}")
+    os.replace(tmp, q4_k_m)
+    return [q4_0, q4_k_m]
+
+
+def _probe_main(model_paths: Sequence[str]) -> int:
+    for model_path in model_paths:
+        model = Model.load(Path(model_path), extra_bufts=True)
+        ctx = Context(model, n_ctx=256, n_batch=64, n_ubatch=64, n_threads=1)
+        ctx.decode(list(range(64)), start_pos=0)  # a quantized prompt batch: where AMX faults
+        ctx.decode_one(1)
+        ctx.close()
+        model.close()
+    print("probe-ok")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and contexts
+# ---------------------------------------------------------------------------------------------
+
+class Model:
+    """A loaded llama.cpp model. Use `Model.load(...)`; close() (or `with`) frees it."""
+
+    def __init__(self, ptr, path: Path, *, extra_bufts: bool, n_gpu_layers: int):
+        lib = llama()
+        self.ptr = ptr
+        self.path = path
+        self.extra_bufts = extra_bufts
+        self.n_gpu_layers = n_gpu_layers
+        self.vocab = lib.llama_model_get_vocab(ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lib.llama_model_n_ctx_train(ptr)
+        self.n_embd = lib.llama_model_n_embd(ptr)
+        self.n_layer = lib.llama_model_n_layer(ptr)
+        self._piece_cache: dict[int, bytes] = {}
+
+    @classmethod
+    def load(cls, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+             vocab_only: bool = False, extra_bufts: bool | None = None,
+             metadata_only: bool = False) -> "Model":
+        """Load a GGUF as it is. Untrusted files go through `qwq_local.gguf.load_model`, which
+        validates them first (the binding sits below the validator).
+
+        metadata_only: llama.cpp checks hyperparameters, vocabulary and every tensor's name,
+        shape and file range but reads and allocates no weights (no_alloc); such a model can
+        still size a context, not compute."""
+        path = Path(path)
+        if not path.is_file():
+            from ..errors import ModelNotFoundError
+
+            raise ModelNotFoundError(f"no model file at {path}")
+        lib = llama()
+        if metadata_only:
+            extra_bufts = False  # nothing will be computed
+        elif extra_bufts is None:
+            extra_bufts = extra_bufts_allowed()
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = int(n_gpu_layers)
+        # This llama.cpp has no use_mmap flag: load_mode AUTO maps the file where it can.
+        params.load_mode = lib.LLAMA_LOAD_MODE_AUTO if use_mmap else lib.LLAMA_LOAD_MODE_NONE
+        params.vocab_only = vocab_only
+        params.use_extra_bufts = bool(extra_bufts)
+        if metadata_only:
+            # no_alloc together with an mmap load trips GGML_ASSERT(!ml.no_alloc) here.
+            params.no_alloc = True
+            params.load_mode = lib.LLAMA_LOAD_MODE_NONE
+        ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise RuntimeLoadError(f"llama.cpp could not load {path}: {log_tail(3) or 'no log'}")
+        return cls(ptr, path, extra_bufts=bool(extra_bufts), n_gpu_layers=int(n_gpu_layers))
+
+    def close(self) -> None:
+        if self.ptr:
+            llama().llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(65536)
+        n = llama().llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama().llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        lib = llama()
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (lib.llama_token * cap)()
+            n = lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = True) -> bytes:
+        """The bytes a token stands for (cached: generation calls this once per token)."""
+        key = token if special else -token - 1
+        piece = self._piece_cache.get(key)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama().llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama().llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            piece = buf.raw[:n]
+            self._piece_cache[key] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama().llama_vocab_is_eog(self.vocab, token))
+
+
+class Context:
+    """A llama.cpp context (KV cache + compute buffers) on a Model, with one reusable batch."""
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int = constants.DEFAULT_N_BATCH,
+                 n_ubatch: int | None = None, n_threads: int | None = None,
+                 n_threads_batch: int | None = None, type_k: str = "f16", type_v: str = "f16",
+                 flash_attn: bool | None = None, yarn: dict | None = None, logits_all: bool = False,
+                 rope_none: bool = False):
+        lib = llama()
+        if type_k not in GGML_TYPES or type_v not in GGML_TYPES:
+            raise UsageError(f"unknown KV cache type {type_k}/{type_v}; use one of {', '.join(constants.KV_TYPES)}")
+        threads = n_threads or default_threads()
+        params = lib.llama_context_default_params()
+        params.n_ctx = int(n_ctx)
+        params.n_batch = int(min(n_batch, n_ctx))
+        params.n_ubatch = int(min(n_ubatch or n_batch, n_batch, n_ctx))
+        params.n_seq_max = 1
+        params.n_threads = threads
+        params.n_threads_batch = n_threads_batch or threads
+        params.type_k = GGML_TYPES[type_k]
+        params.type_v = GGML_TYPES[type_v]
+        if flash_attn is not None:
+            params.flash_attn_type = 1 if flash_attn else 0
+        if yarn:
+            params.rope_scaling_type = 2  # LLAMA_ROPE_SCALING_TYPE_YARN
+            params.rope_freq_scale = float(yarn["freq_scale"])
+            params.yarn_orig_ctx = int(yarn["orig_ctx"])
+            params.yarn_ext_factor = float(yarn.get("ext_factor", -1.0))
+        elif rope_none:
+            # Ignore rope scaling a GGUF may carry in its metadata (QwQ: YaRN only beyond 32k).
+            params.rope_scaling_type = 0  # LLAMA_ROPE_SCALING_TYPE_NONE
+        params.no_perf = False
+        self.model = model
+        self.params = params
+        self.ptr = lib.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise RuntimeLoadError(
+                f"llama.cpp could not create a context of {n_ctx} tokens for {model.path}: "
+                f"{log_tail(3) or 'no log'} (try a smaller --ctx or a q8_0 KV cache)")
+        self.n_ctx = lib.llama_n_ctx(self.ptr)
+        self.n_batch = lib.llama_n_batch(self.ptr)
+        self.logits_all = logits_all
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        for i in range(self.n_batch):
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
+        self.n_past = 0
+
+    def close(self) -> None:
+        lib = llama()
+        if getattr(self, "_batch", None) is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self.ptr:
+            lib.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def decode(self, tokens: Sequence[int], *, start_pos: int | None = None, logits: str = "last") -> None:
+        """Feed tokens at positions start_pos.. (default: after what is cached), in batches.
+
+        logits: "last" (only the final token's), "all" (every token's, read with logits(i)
+        for i in range(len(tokens)) of the final batch), or "none".
+        """
+        lib = llama()
+        pos = self.n_past if start_pos is None else start_pos
+        if pos + len(tokens) > self.n_ctx:
+            from ..errors import ContextOverflowError
+
+            raise ContextOverflowError(
+                f"{pos + len(tokens)} tokens do not fit the context of {self.n_ctx}; raise n_ctx or shorten the input")
+        batch = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(tokens)
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = pos + start + i
+                batch.logits[i] = logits == "all" or (logits == "last" and last_chunk and i == len(chunk) - 1)
+            batch.n_tokens = len(chunk)
+            rc = lib.llama_decode(self.ptr, batch)
+            if rc != 0:
+                raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
+        self.n_past = pos + len(tokens)
+
+    def decode_one(self, token: int) -> None:
+        """The generation hot path: one token, logits on, no Python loops."""
+        batch = self._batch
+        batch.token[0] = token
+        batch.pos[0] = self.n_past
+        batch.logits[0] = True
+        batch.n_tokens = 1
+        rc = llama().llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
+        self.n_past += 1
+
+    def logits(self, i: int = -1):
+        """A numpy float32 view of the logits of output i (-1: the last one decoded)."""
+        import numpy as np
+
+        ptr = llama().llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise RuntimeLoadError(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def truncate(self, n_keep: int) -> None:
+        """Drop cached positions >= n_keep (keep a shared prefix between chat turns)."""
+        lib = llama()
+        mem = lib.llama_get_memory(self.ptr)
+        if n_keep <= 0:
+            lib.llama_memory_clear(mem, True)
+        else:
+            lib.llama_memory_seq_rm(mem, 0, n_keep, -1)
+        self.n_past = max(0, min(self.n_past, n_keep))
+
+
+def default_threads() -> int:
+    """Physical-ish core count: llama.cpp generation slows down on hyperthreads."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # pragma: no cover - psutil missing or unsupported platform
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+def child_main(argv: Sequence[str]) -> int:
+    """The probe child's entry (`python -m qwq_local.backend --probe-extra-bufts MODEL...`)."""
+    if len(argv) >= 2 and argv[0] == "--probe-extra-bufts":
+        return _probe_main(list(argv[1:]))
+    return 2

@@ -1,0 +1,333 @@
+"""QwQ's chat template: the shipped original, and sandboxed rendering of any template.
+
+`render_prompt` output is byte-identical to Hugging Face transformers'
+`tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=...)`
+with QwQ-32B's released template: the same Jinja environment (see sandbox.py), the same
+input preparation (None-valued keys dropped, values reduced to plain JSON types, reasoning
+fields aliased, the tokenizer's special tokens passed as variables) and the same tool handling
+(dict schemas as-is, Python functions converted by transformers' own `get_json_schema`).
+
+One deliberate difference: where transformers fails, an assistant message that carries
+tool_calls and `content: None` (what OpenAI clients send) is rendered as if its content were "".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from .. import constants
+from ..errors import TemplateError, UsageError
+from .sandbox import TemplateLimitError, environment, render_limited
+
+ORIGINAL_TEMPLATE_PATH = constants.DATA_DIR / "chat_template.jinja"
+
+# Names a message's reasoning may come under; transformers copies the first found to the
+# first two (templates of other models read them; QwQ's ignores them).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTemplate:
+    """A compiled chat template. Build with `original()`, `from_string()` or `from_file()`."""
+
+    def __init__(self, text: str, *, source: str) -> None:
+        if not isinstance(text, str):
+            raise TemplateError(f"the chat template from {source} is not text")
+        if len(text) > constants.TEMPLATE_MAX_SOURCE_CHARS:
+            raise TemplateError(
+                f"the chat template from {source} is {len(text):,} characters, over the "
+                f"{constants.TEMPLATE_MAX_SOURCE_CHARS:,} limit; use template='original'"
+            )
+        self.text = text
+        self.source = source
+        self._compiled = _compile(text, source)
+
+    @classmethod
+    def original(cls) -> "ChatTemplate":
+        """QwQ-32B's released template, shipped inside the package."""
+        return _original()
+
+    @classmethod
+    def from_string(cls, text: str, *, source: str = "a string") -> "ChatTemplate":
+        return _from_string(text, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ChatTemplate":
+        path = Path(path).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TemplateError(f"chat template file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TemplateError(f"cannot read chat template file {path}: {exc}") from None
+        return _from_string(text, str(path))
+
+    def same_as(self, other: "ChatTemplate | str") -> bool:
+        """Whether two templates render alike: equal after Jinja's own newline normalisation
+        and the single trailing newline it drops."""
+        other_text = other.text if isinstance(other, ChatTemplate) else other
+        return _normalise(self.text) == _normalise(other_text)
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Any] | None = None,
+        add_generation_prompt: bool = True,
+        extra_vars: Mapping[str, Any] | None = None,
+        timeout_s: float = constants.TEMPLATE_RENDER_TIMEOUT_S,
+        max_chars: int = constants.TEMPLATE_MAX_CHARS,
+    ) -> str:
+        """Render a conversation. `extra_vars` are further template variables (transformers'
+        `**kwargs`); the tokenizer's special tokens are always passed, as transformers does."""
+        chat = prepare_messages(messages)
+        variables: dict[str, Any] = {**constants.TEMPLATE_SPECIAL_TOKENS, **_plain(dict(extra_vars or {}))}
+        variables.update(
+            messages=chat,
+            tools=_plain(tool_schemas(tools)),
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+        )
+        try:
+            return render_limited(self._compiled, variables, timeout_s=timeout_s, max_chars=max_chars)
+        except TemplateLimitError:
+            raise
+        except TemplateError as exc:
+            raise TemplateError(f"chat template from {self.source}: {exc}") from None
+        except jinja2.exceptions.SecurityError as exc:
+            raise TemplateError(f"chat template from {self.source} was stopped by the sandbox: {exc}") from None
+        except jinja2.exceptions.UndefinedError as exc:
+            raise TemplateError(
+                f"chat template from {self.source} failed: {exc} (a message lacks a field it needs?)"
+            ) from None
+        except jinja2.TemplateError as exc:  # raise_exception() in the template
+            raise TemplateError(f"chat template from {self.source} refused the input: {exc}") from None
+        except RecursionError:
+            raise TemplateError(
+                f"chat template from {self.source} recursed too deeply; use template='original'"
+            ) from None
+        except MemoryError:
+            raise TemplateError(f"chat template from {self.source} ran out of memory") from None
+        except Exception as exc:  # a template is code: any exception is its failure
+            raise TemplateError(
+                f"chat template from {self.source} failed to render: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"ChatTemplate(source={self.source!r})"
+
+
+def _normalise(text: str) -> str:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _compile(text: str, source: str) -> Any:
+    try:
+        return environment().from_string(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"chat template from {source} has a syntax error at line {exc.lineno}: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"chat template from {source} does not compile: {exc}") from None
+    except RecursionError:
+        raise TemplateError(f"chat template from {source} is nested too deeply to compile") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _from_string(text: str, source: str) -> ChatTemplate:
+    return ChatTemplate(text, source=source)
+
+
+@functools.lru_cache(maxsize=1)
+def _original() -> ChatTemplate:
+    return ChatTemplate(ORIGINAL_TEMPLATE_PATH.read_text(encoding="utf-8"), source="the original QwQ-32B template")
+
+
+def render_prompt(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Any] | None = None,
+    add_generation_prompt: bool = True,
+    template: ChatTemplate | str | None = None,
+) -> str:
+    """The prompt text for `messages`, as transformers' apply_chat_template renders it.
+
+    `template` is a ChatTemplate, template text, or None for QwQ's original template.
+    """
+    if template is None:
+        chat_template = ChatTemplate.original()
+    elif isinstance(template, ChatTemplate):
+        chat_template = template
+    else:
+        chat_template = ChatTemplate.from_string(template)
+    return chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+
+
+# --- Template choice ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TemplateSelection:
+    template: ChatTemplate
+    # Set when the GGUF carries a template that differs from the original one in use; the
+    # runtime shows it once with warnings.warn.
+    warning: str | None = None
+
+
+def select_template(choice: str | Path | None, *, gguf_template: str | None) -> TemplateSelection:
+    """The runtime's rule: "original" (default) uses the shipped template even when the GGUF
+    carries an altered copy (and says so); "gguf" uses the file's; anything else is a path."""
+    choice = constants.DEFAULT_TEMPLATE_CHOICE if choice is None else choice
+    if isinstance(choice, str) and choice == "original":
+        original = ChatTemplate.original()
+        warning = None
+        if gguf_template and not original.same_as(gguf_template):
+            warning = (
+                "this GGUF carries a chat template that differs from QwQ-32B's original; using the "
+                "original (pass template='gguf' to use the file's own)"
+            )
+        return TemplateSelection(original, warning)
+    if isinstance(choice, str) and choice == "gguf":
+        if not gguf_template:
+            raise UsageError(
+                "template='gguf' was asked for but this GGUF has no tokenizer.chat_template; "
+                "use template='original'"
+            )
+        return TemplateSelection(ChatTemplate.from_string(gguf_template, source="the GGUF file"))
+    path = Path(choice)
+    if not path.is_file():
+        raise UsageError(
+            f"template must be 'original', 'gguf' or a path to a template file; {str(choice)!r} is none of these"
+        )
+    return TemplateSelection(ChatTemplate.from_file(path))
+
+
+# --- Inputs -------------------------------------------------------------------------------
+
+def tool_schemas(tools: Sequence[Any] | None) -> list[dict] | None:
+    """Tools as transformers passes them: dicts unchanged, Python functions converted to JSON
+    schema by transformers' own converter (needs transformers installed)."""
+    if tools is None:
+        return None
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise TemplateError("tools must be a list of JSON-schema dicts (or Python functions)")
+    schemas = []
+    for tool in tools:
+        if isinstance(tool, Mapping):
+            schemas.append(tool)
+        elif inspect.isfunction(tool) or inspect.ismethod(tool):
+            schemas.append(_function_schema(tool))
+        else:
+            raise TemplateError(
+                f"a tool must be a JSON-schema dict or a Python function, not {type(tool).__name__}"
+            )
+    return schemas
+
+
+def _function_schema(func: Any) -> dict:
+    try:
+        from transformers.utils.chat_template_utils import get_json_schema
+    except ImportError:
+        raise TemplateError(
+            f"tool {func.__name__!r} is a Python function; converting it to a JSON schema needs "
+            "transformers (pip install transformers), or pass the schema as a dict"
+        ) from None
+    try:
+        return get_json_schema(func)
+    except Exception as exc:  # transformers raises its own error types for bad docstrings/hints
+        raise TemplateError(f"cannot make a JSON schema from tool {func.__name__!r}: {exc}") from None
+
+
+def prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Validate OpenAI-style messages and prepare them as transformers does."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if not messages:
+        raise TemplateError("messages is empty: give at least one message")
+    chat = []
+    for index, message in enumerate(messages):
+        message = _as_mapping(message, index)
+        _validate(message, index)
+        # transformers drops None-valued keys: templates handle a missing key, not None.
+        message = {k: v for k, v in message.items() if v is not None}
+        if message.get("role") == "assistant" and message.get("tool_calls") and "content" not in message:
+            message["content"] = ""
+        chat.append(_alias_reasoning(_plain(message)))
+    return chat
+
+
+def _as_mapping(message: Any, index: int) -> Mapping[str, Any]:
+    if dataclasses.is_dataclass(message) and not isinstance(message, type):
+        message = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    elif callable(getattr(message, "model_dump", None)):
+        message = message.model_dump()
+    if not isinstance(message, Mapping):
+        raise TemplateError(f"message {index} is a {type(message).__name__}, not a dict with 'role' and 'content'")
+    return message
+
+
+def _validate(message: Mapping[str, Any], index: int) -> None:
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise TemplateError(f"message {index} has no 'role' (expected 'system', 'user', 'assistant' or 'tool')")
+    content = message.get("content")
+    tool_calls = message.get("tool_calls")
+    if content is None and not (role == "assistant" and tool_calls):
+        raise TemplateError(
+            f"message {index} ({role}) has no 'content'; only an assistant message with tool_calls may omit it"
+        )
+    if content is not None and not isinstance(content, (str, list, tuple)):
+        raise TemplateError(f"message {index} ({role}): 'content' must be text, not {type(content).__name__}")
+    if tool_calls is None:
+        return
+    if role != "assistant":
+        raise TemplateError(f"message {index} ({role}) has tool_calls; only assistant messages may")
+    if isinstance(tool_calls, (str, Mapping)) or not isinstance(tool_calls, Sequence):
+        raise TemplateError(f"message {index}: 'tool_calls' must be a list")
+    for n, call in enumerate(tool_calls):
+        function = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise TemplateError(
+                f"message {index}, tool call {n}: expected {{'function': {{'name': ..., 'arguments': ...}}}}"
+            )
+        if not isinstance(function.get("arguments", {}), (str, Mapping)):
+            raise TemplateError(f"message {index}, tool call {n}: 'arguments' must be a dict or a JSON string")
+
+
+def _alias_reasoning(message: dict) -> dict:
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild data from plain JSON types (transformers' `_plain_template_data`): objects with
+    methods the sandbox does not know about never reach the template."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if type(value).__module__ == "numpy" and type(value).__name__ != "ndarray" and hasattr(value, "item"):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"

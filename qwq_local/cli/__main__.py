@@ -1,0 +1,5 @@
+"""`python -m qwq_local.cli`: the qwq-local command line."""
+
+from . import main
+
+main()

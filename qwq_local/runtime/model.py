@@ -1,0 +1,417 @@
+"""The model object: load a QwQ GGUF, render prompts with the chosen template, generate with
+the thought split from the answer, reuse the KV cache across turns, benchmark.
+
+    model = QwQ.load("qwq:q4_k_m", n_ctx=16384)
+    reply = model.chat([{"role": "user", "content": "How many r's in strawberry?"}])
+    for event in model.stream(messages):  # Event("thinking"|"content", text) ... Event("done", reply=...)
+        ...
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from ..backend import binding as backend
+from .. import constants
+from .decode import Cancel, Event, LoopState, Reply, Sampling, build_sampler, rope_params, run_loop
+from ..errors import ContextOverflowError, UsageError
+from ..gguf.safe_load import load_model
+
+__all__ = ["QwQ", "Reply", "Event", "Cancel", "rope_params"]
+
+# GGUF files whose altered template was already reported in this process (warn once).
+_WARNED_TEMPLATES: set[tuple[str, int, int]] = set()
+
+
+def _resolve(model: str | Path) -> Path:
+    try:
+        from ..hub.download import resolve_model
+    except ImportError:  # pragma: no cover - hub is part of the package; kept for partial installs
+        return Path(model).expanduser()
+    return resolve_model(model)
+
+
+def _gpu_layers(choice: int | str, path: Path, *, n_ctx: int, kv_type: str, flash_attn: bool | None,
+                n_batch: int) -> tuple[int, int, str]:
+    """(gpu layers, context, why) for the gpu_layers option; "auto" asks the memory planner,
+    which may also shorten the context when the asked one does not fit."""
+    if isinstance(choice, str):
+        if choice.strip().lower() != "auto":
+            try:
+                choice = int(choice)
+            except ValueError:
+                raise UsageError(f"gpu_layers must be 'auto' or a number of layers, not {choice!r}") from None
+    if isinstance(choice, int):
+        if choice < -1:
+            raise UsageError(f"gpu_layers must be 'auto', -1 (all) or >= 0, not {choice}")
+        return choice, n_ctx, f"{choice} GPU layers as asked"
+    from ..plan.memory import auto_gpu_layers
+
+    # Also on CPU-only builds: the planner then checks the model fits in RAM (and refuses
+    # with alternatives) instead of letting the kernel kill the process mid-load.
+    fit = auto_gpu_layers(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch)
+    return int(fit.gpu_layers), min(int(fit.n_ctx), n_ctx), fit.reason
+
+
+class QwQ:
+    """A loaded QwQ model with one context. Not thread-safe: one generation at a time."""
+
+    def __init__(self, model: backend.Model, ctx: backend.Context, *, template, rope: dict,
+                 seed: int | None, kv_type: str, n_ctx: int) -> None:
+        self._model = model
+        self._ctx = ctx
+        self.template = template
+        self.rope = rope
+        self.seed = seed
+        self.kv_type = kv_type
+        self.path = model.path
+        # llama.cpp rounds its context up (to 256); the limit is what the caller asked for.
+        self.n_ctx = min(int(n_ctx), ctx.n_ctx)
+        self.gpu_layers = model.n_gpu_layers
+        self._cached: list[int] = []  # the tokens the KV cache holds, position by position
+        self._eog_ids: list[int] | None = None
+        self._busy = False
+        self.placement = f"{model.n_gpu_layers} GPU layers"
+        lib = backend.llama()
+        self._stop_ids = frozenset(t for s in constants.STOP_STRINGS for t in self._single_token(s))
+        self._close_tokens = model.tokenize(constants.THINKING_CLOSE_TEXT, parse_special=True)
+        self._lib = lib
+
+    # --- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model: str | Path, *, n_ctx: int = constants.DEFAULT_N_CTX,
+             gpu_layers: int | str = "auto", kv_type: str = "f16", flash_attn: bool | None = None,
+             threads: int | None = None, seed: int | None = None,
+             template: str | Path = constants.DEFAULT_TEMPLATE_CHOICE,
+             n_batch: int = constants.DEFAULT_N_BATCH) -> "QwQ":
+        """Load a GGUF (a path, or a cached name such as `qwq:q4_k_m`) with one context.
+
+        n_ctx above 32768 turns on static YaRN (see `rope_params`); kv_type q8_0/q4_0 quantize
+        the KV cache (needs flash attention, turned on by llama.cpp's auto setting);
+        template is "original" (QwQ's released template, the default), "gguf" (the file's own)
+        or a path to a .jinja file.
+        """
+        from ..chat.template import select_template
+
+        kv_type = kv_type.lower()  # Q8_0 and q8_0 alike, as quant type names
+        if kv_type not in constants.KV_TYPES:
+            raise UsageError(f"kv_type must be one of {', '.join(constants.KV_TYPES)}, not {kv_type!r}")
+        if kv_type != "f16" and flash_attn is False:
+            raise UsageError(f"a {kv_type} KV cache needs flash attention; drop flash_attn=False or use kv_type='f16'")
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads must be >= 1, not {threads}")
+        rope_params(n_ctx)  # range check before any work
+        path = _resolve(model)
+        layers, fitted_ctx, placement = _gpu_layers(gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type,
+                                                    flash_attn=flash_attn, n_batch=n_batch)
+        if fitted_ctx < n_ctx:
+            warnings.warn(f"context reduced from {n_ctx} to {fitted_ctx} tokens to fit memory: {placement}",
+                          UserWarning, stacklevel=2)
+            n_ctx = fitted_ctx
+        rope = rope_params(n_ctx)
+        llm = load_model(path, n_gpu_layers=layers)
+        try:
+            selection = select_template(template, gguf_template=llm.meta("tokenizer.chat_template"))
+            if selection.warning:
+                st = path.stat()
+                key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+                if key not in _WARNED_TEMPLATES:
+                    _WARNED_TEMPLATES.add(key)
+                    warnings.warn(f"{path.name}: {selection.warning}", UserWarning, stacklevel=2)
+            yarn = {"freq_scale": rope["freq_scale"], "orig_ctx": rope["orig_ctx"]} if rope["scaling"] == "yarn" else None
+            ctx = backend.Context(llm, n_ctx=int(n_ctx), n_batch=n_batch, n_threads=threads,
+                                  type_k=kv_type, type_v=kv_type, flash_attn=flash_attn, yarn=yarn,
+                                  rope_none=yarn is None)
+        except BaseException:
+            llm.close()
+            raise
+        qwq = cls(llm, ctx, template=selection.template, rope=rope, seed=seed, kv_type=kv_type, n_ctx=int(n_ctx))
+        qwq.placement = placement
+        return qwq
+
+    def close(self) -> None:
+        """Free the context and the model (also done when the object is collected)."""
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    def __enter__(self) -> "QwQ":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def threads(self) -> int:
+        return int(self._ctx.params.n_threads)
+
+    @property
+    def extra_bufts(self) -> bool:
+        """Whether llama.cpp's extra buffer types (AMX/repack) are in use (see backend)."""
+        return self._model.extra_bufts
+
+    # --- text <-> tokens ----------------------------------------------------------------------
+
+    def render_prompt(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Any] | None = None,
+                      add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages` with this model's template."""
+        from ..chat.template import render_prompt
+
+        return render_prompt(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                             template=self.template)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of text; special tokens written out (`<|im_start|>`) become their ids."""
+        return self._model.tokenize(text, parse_special=True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._model.detokenize(tokens)
+
+    def eog_bias(self) -> dict[int, float]:
+        """A logit bias that bans every end-of-generation token."""
+        if self._eog_ids is None:
+            model = self._model
+            self._eog_ids = sorted(self._stop_ids | {t for t in range(model.n_vocab) if model.is_eog(t)})
+        return {t: float("-inf") for t in self._eog_ids}
+
+    def _single_token(self, text: str) -> list[int]:
+        toks = self._model.tokenize(text, parse_special=True)
+        return toks if len(toks) == 1 else []
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Any] | None = None,
+             max_tokens: int | None = None, thinking_budget: int | None = None, **sampling: Any) -> Reply:
+        """Generate the assistant's next turn; see `stream` for the sampling options."""
+        reply = None
+        for event in self.stream(messages, tools=tools, max_tokens=max_tokens, thinking_budget=thinking_budget,
+                                 **sampling):
+            if event.kind == "done":
+                reply = event.reply
+        assert reply is not None
+        return reply
+
+    def stream(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Any] | None = None,
+               max_tokens: int | None = None, thinking_budget: int | None = None,
+               temperature: float = constants.DEFAULT_TEMPERATURE, top_p: float = constants.DEFAULT_TOP_P,
+               top_k: int = constants.DEFAULT_TOP_K, min_p: float = constants.DEFAULT_MIN_P,
+               presence_penalty: float = constants.DEFAULT_PRESENCE_PENALTY, seed: int | None = None,
+               stop: Sequence[str] | str | None = None, grammar: str | None = None,
+               logit_bias: Mapping[int, float] | None = None, ignore_eos: bool = False,
+               cancel: Cancel | None = None) -> Iterator[Event]:
+        """Yield Event("thinking", text) and Event("content", text) as tokens arrive, then
+        Event("done", reply=Reply).
+
+        max_tokens caps generated tokens (thought included; None: until the context is full);
+        thinking_budget caps thinking tokens, after which the thought is closed for the model
+        (`\\n</think>\\n\\n` is appended) and it answers. stop strings end the answer (they are
+        not looked for inside the thought). grammar (GBNF) and logit_bias constrain sampling.
+        ignore_eos bans the end tokens (as llama.cpp's --ignore-eos: generation runs to
+        max_tokens or the context end). cancel: a `Cancel` (or threading.Event) whose set() stops
+        after the current token, or the current batch while the prompt is read (finish_reason
+        "interrupted"; the KV cache keeps what was read).
+        """
+        prompt = self.render_prompt(messages, tools=tools)
+        if ignore_eos:
+            logit_bias = {**self.eog_bias(), **(logit_bias or {})}
+        yield from self.stream_prompt(
+            prompt, max_tokens=max_tokens, thinking_budget=thinking_budget, stop=stop, cancel=cancel,
+            sampling=Sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              presence_penalty=presence_penalty, seed=self.seed if seed is None else seed,
+                              grammar=grammar, logit_bias=logit_bias))
+
+    def stream_prompt(self, prompt: str, *, sampling: Sampling = Sampling(), max_tokens: int | None = None,
+                      thinking_budget: int | None = None, stop: Sequence[str] | str | None = None,
+                      cancel: Cancel | None = None) -> Iterator[Event]:
+        """`stream` for an already rendered prompt (which must end inside `<think>\\n`)."""
+        from ..chat.reasoning import ThinkingSplitter, parse_tool_calls
+
+        if self._ctx is None:
+            raise UsageError("this model was closed; load it again")
+        if max_tokens is not None and max_tokens < 1:
+            raise UsageError(f"max_tokens must be >= 1, not {max_tokens}")
+        if thinking_budget is not None and thinking_budget < 0:
+            raise UsageError(f"thinking_budget must be >= 0, not {thinking_budget}")
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
+        lib = self._lib
+        ctx = self._ctx
+        tokens = self.tokenize(prompt)
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                f"load with a larger n_ctx (up to {constants.MAX_CONTEXT}) or shorten the conversation")
+        if self._busy:
+            raise UsageError("this model is still generating another reply: finish or close() that stream "
+                             "first (one generation at a time per model)")
+        chain = build_sampler(lib, self._model, sampling, penalty_window=self.n_ctx)
+        self._busy = True
+        state = LoopState()
+        splitter = ThinkingSplitter()
+        thinking_parts: list[str] = []
+        content_parts: list[str] = []
+        t0 = time.perf_counter()
+        try:
+            cached, complete = self._prefill(tokens, cancel)
+            prompt_s = time.perf_counter() - t0
+            # A prefill stopped by `cancel` leaves it set: the loop below ends before sampling.
+            no_room = False
+            if thinking_budget == 0 and complete:
+                # No thought at all: close it before the first sampled token, if it fits.
+                no_room = ctx.n_past + len(self._close_tokens) >= self.n_ctx
+                if no_room:
+                    state.finish_reason = "length"
+                else:
+                    yield from self._inject_close(ctx, chain, splitter, sampling, state, thinking_parts)
+            loop = ((kind, text) for kind, text in ()) if no_room else (
+                    run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
+                             thinking_budget=thinking_budget or None, close_tokens=self._close_tokens,
+                             close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
+                             accept_injected=not sampling.grammar))
+            hold = max((len(s) for s in stops), default=1) - 1
+            pending = ""  # answer text held back while it could be the start of a stop string
+            stopped = False
+            for kind, text in loop:
+                if kind == "thinking":
+                    thinking_parts.append(text)
+                    yield Event("thinking", text)
+                    continue
+                if not stops:
+                    content_parts.append(text)
+                    yield Event("content", text)
+                    continue
+                pending += text
+                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    pending = pending[:cut]
+                    stopped = True
+                    break
+                if len(pending) > hold:
+                    out, pending = pending[:len(pending) - hold], pending[len(pending) - hold:]
+                    content_parts.append(out)
+                    yield Event("content", out)
+            loop.close()
+            if pending:
+                content_parts.append(pending)
+                yield Event("content", pending)
+            if stopped:
+                state.finish_reason = "stop"
+        finally:
+            self._busy = False
+            lib.llama_sampler_free(chain)
+            # What the KV cache now holds, for the next request's prefix reuse; after a failure
+            # half-way through a decode that is unknown, so the cache starts over.
+            if ctx.n_past == len(tokens) + len(state.decoded):
+                self._cached = tokens + state.decoded
+            elif not state.decoded and self._cached and ctx.n_past == len(self._cached):
+                pass  # a prefill cancelled between batches: keep the part it read
+            else:
+                self._cached = []
+                ctx.truncate(0)
+        thinking = "".join(thinking_parts)
+        content, calls = parse_tool_calls("".join(content_parts))
+        finish = state.finish_reason
+        if calls and finish == "stop":
+            finish = "tool_calls"
+        n_gen = len(state.tokens)
+        gen_s = state.gen_seconds
+        reply = Reply(
+            thinking=thinking, content=content, tool_calls=calls, finish_reason=finish, tokens=list(state.tokens),
+            usage={"prompt_tokens": len(tokens), "completion_tokens": n_gen, "thinking_tokens": state.thinking_tokens,
+                   "cached_tokens": cached, "prompt_tokens_decoded": len(tokens) - cached,
+                   "injected_tokens": state.injected_tokens, "total_tokens": len(tokens) + n_gen},
+            timings={"prompt_s": prompt_s, "prompt_tps": (len(tokens) - cached) / prompt_s if prompt_s > 0 else 0.0,
+                     "gen_s": gen_s, "gen_tps": n_gen / gen_s if gen_s > 0 else 0.0,
+                     "total_s": time.perf_counter() - t0})
+        yield Event("done", reply=reply)
+
+    def _inject_close(self, ctx, chain, splitter, sampling, state, thinking_parts) -> Iterator[Event]:
+        ctx.decode(self._close_tokens)
+        state.decoded.extend(self._close_tokens)
+        state.injected_tokens += len(self._close_tokens)
+        if not sampling.grammar:
+            for t in self._close_tokens:
+                self._lib.llama_sampler_accept(chain, t)
+        # The prompt's "<think>\n" already ends a line: no empty thought line is reported.
+        for kind, text in splitter.feed(constants.THINKING_CLOSE_TEXT.lstrip("\n")):
+            if kind == "thinking":
+                thinking_parts.append(text)
+            yield Event(kind, text)
+
+    def _prefill(self, tokens: list[int], cancel: Cancel | None = None) -> tuple[int, bool]:
+        """Bring the KV cache to `tokens`, reusing the longest cached prefix; returns (prompt
+        tokens reused, whether the whole prompt is in). The last prompt token is always decoded
+        (its logits start the generation). `cancel` is checked between batches: reading a long
+        prompt on a CPU takes minutes, and Ctrl-C must not wait for it."""
+        ctx = self._ctx
+        cached = self._cached
+        n = 0
+        limit = min(len(cached), len(tokens) - 1)
+        while n < limit and cached[n] == tokens[n]:
+            n += 1
+        ctx.truncate(n)
+        self._cached = tokens[:n]
+        pos, step = n, max(1, ctx.n_batch)
+        while pos < len(tokens):
+            if cancel is not None and cancel.is_set():
+                return n, False
+            end = min(pos + step, len(tokens))
+            self._cached = []  # unknown until this batch is in
+            ctx.decode(tokens[pos:end], start_pos=pos)
+            self._cached = tokens[:end]
+            pos = end
+        return n, True
+
+    def reset(self) -> None:
+        """Forget the KV cache (the next turn reads its whole prompt)."""
+        if self._ctx is not None:
+            self._ctx.truncate(0)
+        self._cached = []
+
+    # --- benchmark ----------------------------------------------------------------------------
+
+    def bench(self, *, prompt_tokens: int = 512, gen_tokens: int = 128, repetitions: int = 1) -> dict:
+        """llama-bench-like speeds: pp (prompt tokens/s, batched) and tg (generated tokens/s,
+        one token at a time through the same loop as chat), on an empty KV cache."""
+        if prompt_tokens < 1 or gen_tokens < 1:
+            raise UsageError("prompt_tokens and gen_tokens must be >= 1")
+        if self._ctx is None or self._busy:
+            raise UsageError("bench needs an open model that is not generating")
+        if prompt_tokens + gen_tokens + 1 > self.n_ctx:
+            raise ContextOverflowError(
+                f"bench needs {prompt_tokens + gen_tokens + 1} tokens but the context holds {self.n_ctx}; "
+                "raise --ctx or lower --prompt-tokens/--gen-tokens")
+        from ..chat.reasoning import ThinkingSplitter
+
+        lib = self._lib
+        ctx = self._ctx
+        # Ordinary vocabulary tokens (not control tokens), as llama-bench feeds random ones.
+        filler = [t for t in range(min(self._model.n_vocab, 1000)) if not self._model.is_eog(t)]
+        prompt = [filler[i % len(filler)] for i in range(prompt_tokens)]
+        pp, tg = [], []
+        for _ in range(max(1, repetitions)):
+            self.reset()
+            t = time.perf_counter()
+            ctx.decode(prompt, start_pos=0)
+            pp.append(prompt_tokens / (time.perf_counter() - t))
+            chain = build_sampler(lib, self._model, Sampling(seed=0, logit_bias=self.eog_bias()),
+                                  penalty_window=64)
+            state = LoopState()
+            try:
+                for _ in run_loop(lib, ctx, chain, state, ThinkingSplitter(), stop_ids=frozenset(),
+                                  max_tokens=gen_tokens + 1, thinking_budget=None, close_tokens=(),
+                                  close_text="", cancel=None, n_ctx=self.n_ctx):
+                    pass
+            finally:
+                lib.llama_sampler_free(chain)
+            tg.append(len(state.decoded) / state.gen_seconds)
+        self.reset()
+        return {"pp_tps": sum(pp) / len(pp), "tg_tps": sum(tg) / len(tg), "prompt_tokens": prompt_tokens,
+                "gen_tokens": gen_tokens, "threads": self.threads, "gpu_layers": self.gpu_layers,
+                "n_ctx": self.n_ctx, "extra_bufts": self.extra_bufts, "model": str(self.path)}

@@ -1,0 +1,533 @@
+"""The runtime on real llama.cpp with tiny converted models: thinking split (also across
+tokens), budget, stop tokens, YaRN, context limits, KV reuse, templates, quantized models."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import pytest
+
+from qwq_local import QwQ, constants
+from qwq_local.backend import binding as backend
+from qwq_local.runtime.decode import Cancel, rope_params
+from qwq_local.errors import ContextOverflowError, UsageError
+from qwq_local.chat.template import render_prompt
+
+USER = [{"role": "user", "content": "How many r's are in strawberry?"}]
+NEG = float("-inf")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf):
+    m = QwQ.load(tiny_gguf, n_ctx=512, gpu_layers=0, seed=7)
+    yield m
+    m.close()
+
+
+def tok1(model, text: str) -> int:
+    toks = model.tokenize(text)
+    assert len(toks) == 1, (text, toks)
+    return toks[0]
+
+
+def stop_bias(model) -> dict[int, float]:
+    """Bans every way to end or leave the thought, so the tiny model must keep thinking."""
+    return {tok1(model, s): NEG for s in (constants.IM_END, constants.ENDOFTEXT, constants.THINK_CLOSE)}
+
+
+def pieces(model, tokens):
+    return [model.detokenize([t]) for t in tokens]
+
+
+# --- context and rope ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_ctx,scaling,factor", [
+    (8192, "none", 1.0), (32768, "none", 1.0), (32769, "yarn", 32769 / 32768),
+    (65536, "yarn", 2.0), (98304, "yarn", 3.0), (131072, "yarn", 4.0)])
+def test_rope_rule(n_ctx, scaling, factor):
+    rope = rope_params(n_ctx)
+    assert rope["scaling"] == scaling
+    assert rope["factor"] == pytest.approx(factor)
+    assert rope["freq_scale"] == pytest.approx(1 / factor)
+    assert rope["orig_ctx"] == constants.NATIVE_CONTEXT
+
+
+@pytest.mark.parametrize("n_ctx", [0, constants.MAX_CONTEXT + 1])
+def test_rope_rule_rejects_out_of_range(n_ctx):
+    with pytest.raises(UsageError):
+        rope_params(n_ctx)
+
+
+@pytest.mark.parametrize("n_ctx,freq_scale", [(8192, "1"), (32768, "1"), (65536, "0.5"), (131072, "0.25")])
+def test_llama_cpp_applies_the_chosen_rope(tiny_gguf, n_ctx, freq_scale):
+    with backend.capture_log() as log:
+        m = QwQ.load(tiny_gguf, n_ctx=n_ctx, gpu_layers=0, kv_type="q8_0")
+    try:
+        assert m.n_ctx == n_ctx
+        assert m.rope == rope_params(n_ctx)
+        found = re.findall(r"llama_context: freq_scale\s+=\s+(\S+)", "".join(log))
+        assert found == [freq_scale]
+    finally:
+        m.close()
+
+
+def test_prompt_longer_than_context_is_a_clear_error(model):
+    long = [{"role": "user", "content": "strawberry " * 600}]
+    n = len(model.tokenize(model.render_prompt(long)))
+    with pytest.raises(ContextOverflowError, match=f"prompt has {n} tokens but the context holds 512"):
+        model.chat(long, max_tokens=4)
+    # The model still works afterwards.
+    assert model.chat(USER, max_tokens=3).usage["completion_tokens"] >= 0
+
+
+def test_reaching_the_context_end_finishes_with_length(tiny_gguf):
+    m = QwQ.load(tiny_gguf, n_ctx=64, gpu_layers=0, seed=1)
+    try:
+        reply = m.chat(USER, logit_bias=stop_bias(m))
+        assert reply.finish_reason == "length"
+        # Every position is used; the last sampled token had no room to be decoded.
+        assert reply.usage["prompt_tokens"] + reply.usage["completion_tokens"] == 64 + 1
+    finally:
+        m.close()
+
+
+# --- template ------------------------------------------------------------------------------
+
+def test_render_prompt_of_the_model_is_the_module_function(model):
+    tools = [{"type": "function", "function": {"name": "count", "description": "count letters",
+                                               "parameters": {"type": "object", "properties": {"word": {"type": "string"}}}}}]
+    convo = [{"role": "system", "content": "Be brief."}, *USER,
+             {"role": "assistant", "content": "hmm\n</think>\n\nThree."}, {"role": "user", "content": "Sure? ünï"}]
+    assert model.render_prompt(convo) == render_prompt(convo)
+    assert model.render_prompt(convo, tools=tools) == render_prompt(convo, tools=tools)
+    assert model.render_prompt(convo, add_generation_prompt=False) == render_prompt(convo, add_generation_prompt=False)
+    assert model.render_prompt(USER).endswith("<|im_start|>assistant\n<think>\n")
+
+
+def test_altered_gguf_template_warns_once_and_original_is_used(tmp_path):
+    from gguf_craft import write_tiny_qwen2
+
+    altered = "{% for m in messages %}<<{{ m.content }}>>{% endfor %}"
+    path = write_tiny_qwen2(tmp_path / "altered.gguf", template=altered)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = QwQ.load(path, n_ctx=256, gpu_layers=0)
+        second = QwQ.load(path, n_ctx=256, gpu_layers=0)
+    ours = [w for w in caught if "differs from QwQ-32B's original" in str(w.message)]
+    assert len(ours) == 1
+    assert first.render_prompt(USER) == render_prompt(USER)
+    gguf_choice = QwQ.load(path, n_ctx=256, gpu_layers=0, template="gguf")
+    assert gguf_choice.render_prompt(USER) == "<<How many r's are in strawberry?>>"
+    custom = tmp_path / "custom.jinja"
+    custom.write_text("[{{ messages[0].content }}]")
+    assert QwQ.load(path, n_ctx=256, gpu_layers=0, template=custom).render_prompt(USER) == \
+        "[How many r's are in strawberry?]"
+    for m in (first, second, gguf_choice):
+        m.close()
+
+
+def test_same_template_in_gguf_does_not_warn(tiny_gguf):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        QwQ.load(tiny_gguf, n_ctx=256, gpu_layers=0).close()
+    assert not [w for w in caught if "chat template" in str(w.message)]
+
+
+# --- thinking ------------------------------------------------------------------------------
+
+def test_think_close_split_across_tokens(model):
+    close_id = tok1(model, constants.THINK_CLOSE)
+    events = list(model.stream(USER, grammar='root ::= "abc</think>answer"', logit_bias={close_id: NEG}))
+    reply = events[-1].reply
+    assert events[-1].kind == "done"
+    text = pieces(model, reply.tokens)
+    assert "".join(text) == "abc</think>answer"
+    assert close_id not in reply.tokens and constants.THINK_CLOSE not in text  # really split
+    assert reply.thinking == "abc" and reply.content == "answer"
+    assert "".join(e.text for e in events if e.kind == "thinking") == "abc"
+    assert "".join(e.text for e in events if e.kind == "content") == "answer"
+    assert reply.finish_reason == "stop"
+    kinds = [e.kind for e in events[:-1]]
+    assert kinds == sorted(kinds, key=["thinking", "content"].index)  # thought first, then answer
+
+
+def test_think_close_as_one_token_and_leading_whitespace_stripped(model):
+    close_id = tok1(model, constants.THINK_CLOSE)
+    reply = model.chat(USER, grammar='root ::= "x" "</think>" "\\n\\n  hi"', logit_bias={close_id: 30.0})
+    assert close_id in reply.tokens
+    assert reply.thinking == "x" and reply.content == "hi"
+
+
+def test_multibyte_characters_split_across_tokens(model):
+    reply = model.chat(USER, grammar='root ::= "é中🙂</think>ü"')
+    assert any(len(model._model.token_bytes(t)) == 1 and model._model.token_bytes(t)[0] >= 0x80 for t in reply.tokens)
+    assert reply.thinking == "é中🙂" and reply.content == "ü"
+
+
+def test_thinking_budget_closes_the_thought_then_answers(model):
+    prompt_tokens = model.tokenize(model.render_prompt(USER))
+    bias = stop_bias(model)
+    reply = model.chat(USER, thinking_budget=4, max_tokens=12, logit_bias=bias)
+    close = model.tokenize(constants.THINKING_CLOSE_TEXT)
+    assert reply.usage["thinking_tokens"] == 4
+    assert reply.usage["injected_tokens"] == len(close)
+    assert reply.usage["completion_tokens"] == 12
+    assert reply.finish_reason == "length"
+    assert reply.thinking == model.detokenize(reply.tokens[:4]) + "\n"
+    assert reply.content and reply.content == model.detokenize(reply.tokens[4:]).lstrip()
+    # The close text sits in the KV cache right after the 4 thinking tokens.
+    assert model._cached[len(prompt_tokens) + 4:len(prompt_tokens) + 4 + len(close)] == close
+
+
+def test_thinking_budget_zero_answers_at_once(model):
+    reply = model.chat(USER, thinking_budget=0, max_tokens=5, logit_bias=stop_bias(model))
+    assert reply.thinking == "" and reply.usage["thinking_tokens"] == 0
+    assert reply.content
+
+
+def test_thinking_budget_zero_without_room_to_close_finishes_with_length(model, tiny_gguf):
+    """The closing text does not fit after the prompt: the reply ends with "length" instead of
+    overrunning the context (or raising from llama.cpp)."""
+    n_prompt = len(model.tokenize(model.render_prompt(USER)))
+    m = QwQ.load(tiny_gguf, n_ctx=n_prompt + 2, gpu_layers=0, seed=1)
+    try:
+        reply = m.chat(USER, thinking_budget=0, logit_bias=stop_bias(m))
+        assert reply.finish_reason == "length"
+        assert reply.usage["completion_tokens"] == 0 and reply.thinking == "" and reply.content == ""
+        assert m.chat(USER, thinking_budget=0, max_tokens=1).finish_reason == "length"  # still usable
+    finally:
+        m.close()
+
+
+def test_without_budget_everything_is_thought(model):
+    reply = model.chat(USER, max_tokens=10, logit_bias=stop_bias(model))
+    assert reply.usage["thinking_tokens"] == 10 and reply.content == ""
+    assert reply.thinking == model.detokenize(reply.tokens)
+
+
+# --- stopping ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stop_text", [constants.IM_END, constants.ENDOFTEXT])
+def test_stop_tokens_end_generation(model, stop_text):
+    stop_id = tok1(model, stop_text)
+    reply = model.chat(USER, max_tokens=50, logit_bias={stop_id: 100.0})
+    assert reply.finish_reason == "stop"
+    assert reply.usage["completion_tokens"] == 0 and reply.tokens == []
+
+
+def test_stop_after_grammar_completes(model):
+    reply = model.chat(USER, grammar='root ::= "t</think>done"', max_tokens=200)
+    assert reply.finish_reason == "stop" and reply.content == "done"
+    assert model.detokenize(reply.tokens) == "t</think>done"  # the end token is not part of the text
+
+
+def test_stop_strings_cut_the_answer(model):
+    events = list(model.stream(USER, grammar='root ::= "t</think>hello STOP more"', stop=["STOP"]))
+    reply = events[-1].reply
+    assert reply.content == "hello " and reply.finish_reason == "stop"
+    assert "STOP" not in "".join(e.text for e in events if e.kind == "content")
+
+
+def test_max_tokens_finishes_with_length(model):
+    reply = model.chat(USER, max_tokens=7, logit_bias=stop_bias(model))
+    assert reply.finish_reason == "length" and reply.usage["completion_tokens"] == 7
+
+
+def test_tool_calls_are_parsed(model):
+    call = '<tool_call>\\n{\\"name\\": \\"count\\", \\"arguments\\": {\\"word\\": \\"strawberry\\"}}\\n</tool_call>'
+    tools = [{"type": "function", "function": {"name": "count", "parameters": {"type": "object"}}}]
+    reply = model.chat(USER, tools=tools, grammar=f'root ::= "ok</think>\\n\\n{call}"')
+    assert reply.finish_reason == "tool_calls"
+    assert [c["function"]["name"] for c in reply.tool_calls] == ["count"]
+    assert json.loads(reply.tool_calls[0]["function"]["arguments"]) == {"word": "strawberry"}
+    assert reply.content == ""
+    msg = reply.message()
+    assert msg["tool_calls"][0]["function"]["arguments"] == {"word": "strawberry"}
+
+
+def test_cancel_keeps_the_partial_answer(model):
+    cancel = Cancel()
+    seen = []
+    for event in model.stream(USER, max_tokens=10_000, logit_bias=stop_bias(model), cancel=cancel):
+        if event.kind == "done":
+            reply = event.reply
+        else:
+            seen.append(event.text)
+            if len(seen) == 5:
+                cancel.set()
+    assert reply.finish_reason == "interrupted"
+    assert 5 <= reply.usage["completion_tokens"] < 20
+    assert reply.thinking == "".join(seen)
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+def test_same_seed_same_tokens_and_different_seed_differs(model):
+    a = model.chat(USER, max_tokens=20, seed=3, logit_bias=stop_bias(model), temperature=1.5, top_k=0, top_p=1.0)
+    b = model.chat(USER, max_tokens=20, seed=3, logit_bias=stop_bias(model), temperature=1.5, top_k=0, top_p=1.0)
+    c = model.chat(USER, max_tokens=20, seed=4, logit_bias=stop_bias(model), temperature=1.5, top_k=0, top_p=1.0)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+def test_top_k_one_is_greedy(model):
+    ctx = model._ctx
+    model.reset()
+    prompt = model.tokenize(model.render_prompt(USER))
+    ctx.decode(prompt, start_pos=0)
+    argmax = int(ctx.logits(-1).argmax())
+    model.reset()
+    reply = model.chat(USER, max_tokens=1, top_k=1, temperature=1.0, seed=0)
+    assert reply.tokens == [argmax]
+
+
+def test_sampler_chain_follows_the_cards_order(model):
+    from qwq_local.runtime.decode import Sampling, build_sampler
+
+    lib = backend.llama()
+    chain = build_sampler(lib, model._model, Sampling(presence_penalty=0.5, logit_bias={1: -1.0},
+                                                      grammar='root ::= "a"'), penalty_window=64)
+    try:
+        names = [lib.llama_sampler_name(lib.llama_sampler_chain_get(chain, i)).decode()
+                 for i in range(lib.llama_sampler_chain_n(chain))]
+    finally:
+        lib.llama_sampler_free(chain)
+    assert [n.lstrip("?") for n in names] == ["logit-bias", "grammar", "penalties", "top-k", "top-p", "min-p",
+                                              "temp", "dist"]
+
+
+def test_presence_penalty_discourages_repeats(model):
+    plain = model.chat(USER, max_tokens=30, top_k=1, ignore_eos=True)
+    penalised = model.chat(USER, max_tokens=30, top_k=1, ignore_eos=True, presence_penalty=2.0)
+    assert len(set(penalised.tokens)) > len(set(plain.tokens))
+
+
+def test_bad_sampling_values_are_usage_errors(model):
+    with pytest.raises(UsageError, match="top_p"):
+        model.chat(USER, top_p=0.0, max_tokens=1)
+    with pytest.raises(UsageError, match="temperature"):
+        model.chat(USER, temperature=-1, max_tokens=1)
+
+
+# --- KV cache reuse ------------------------------------------------------------------------
+
+def test_follow_up_turn_decodes_only_the_new_suffix(model):
+    model.reset()
+    first = model.chat(USER, max_tokens=8, logit_bias=stop_bias(model), seed=1)
+    assert first.usage["cached_tokens"] == 0
+    history = USER + [first.message(), {"role": "user", "content": "And in raspberry?"}]
+    follow = model.chat(history, max_tokens=8, top_k=1, seed=1)
+    full = len(model.tokenize(model.render_prompt(history)))
+    assert follow.usage["prompt_tokens"] == full
+    assert follow.usage["cached_tokens"] >= first.usage["prompt_tokens"] - 4
+    assert follow.usage["prompt_tokens_decoded"] == full - follow.usage["cached_tokens"] < full
+    # Reusing the cache changes nothing: a cold run of the same prompt samples the same tokens.
+    model.reset()
+    cold = model.chat(history, max_tokens=8, top_k=1, seed=1)
+    assert cold.usage["cached_tokens"] == 0
+    assert cold.tokens == follow.tokens
+
+
+def test_same_prompt_again_reuses_all_but_the_last_token(model):
+    model.chat(USER, max_tokens=2)
+    again = model.chat(USER, max_tokens=2)
+    assert again.usage["cached_tokens"] == again.usage["prompt_tokens"] - 1
+
+
+def test_edited_history_reuses_only_the_common_prefix(model, tiny_gguf):
+    """A client that edits an earlier message: the cache is cut back to the tokens the old and
+    new prompts share, never reused past them. The reply (sampled, not greedy) matches a fresh
+    context fed the same prefix and rest, token for token."""
+    model.reset()
+    first = model.chat(USER, max_tokens=6, logit_bias=stop_bias(model), seed=1)
+    history = USER + [first.message(), {"role": "user", "content": "And in raspberry?"}]
+    model.chat(history, max_tokens=6, logit_bias=stop_bias(model), seed=1)
+    edited = [{"role": "user", "content": "How many r's are in cranberry?"}] + history[1:]
+    old = model._cached
+    new = model.tokenize(model.render_prompt(edited))
+    common = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+    assert 0 < common < len(new) - 10
+    options = dict(max_tokens=12, logit_bias=stop_bias(model), seed=5, temperature=1.0, top_k=0)
+    warm = model.chat(edited, **options)
+    assert warm.usage["cached_tokens"] == common
+    fresh = QwQ.load(tiny_gguf, n_ctx=512, gpu_layers=0, seed=7)
+    try:
+        fresh._ctx.decode(new[:common], start_pos=0)
+        fresh._cached = new[:common]
+        cold = fresh.chat(edited, **options)
+        assert cold.usage["cached_tokens"] == common
+        assert cold.tokens == warm.tokens
+    finally:
+        fresh.close()
+
+
+# --- other model files ---------------------------------------------------------------------
+
+def test_q4_k_m_model_runs(tiny_gguf_q4km):
+    m = QwQ.load(tiny_gguf_q4km, n_ctx=512, gpu_layers="auto", seed=0)
+    try:
+        if not backend.llama().llama_supports_gpu_offload():
+            assert m.gpu_layers == 0 and "no GPU offload" in m.placement
+        assert m.extra_bufts == backend.extra_bufts_allowed()
+        long = [{"role": "user", "content": "strawberry " * 40}]  # a multi-token prompt batch
+        reply = m.chat(long, max_tokens=16, logit_bias=stop_bias(m))
+        assert reply.usage["completion_tokens"] == 16 and reply.finish_reason == "length"
+        assert reply.usage["prompt_tokens"] > 100
+        bench = m.bench(prompt_tokens=64, gen_tokens=8)
+        assert bench["pp_tps"] > 0 and bench["tg_tps"] > 0
+    finally:
+        m.close()
+
+
+def test_closed_model_refuses_politely(tiny_gguf):
+    m = QwQ.load(tiny_gguf, n_ctx=128, gpu_layers=0)
+    m.close()
+    with pytest.raises(UsageError, match="closed"):
+        m.chat(USER)
+
+
+def test_bad_load_options(tiny_gguf):
+    with pytest.raises(UsageError, match="kv_type"):
+        QwQ.load(tiny_gguf, kv_type="q5_1", gpu_layers=0)
+    with pytest.raises(UsageError, match="flash attention"):
+        QwQ.load(tiny_gguf, kv_type="q8_0", flash_attn=False, gpu_layers=0)
+    with pytest.raises(UsageError, match="gpu_layers"):
+        QwQ.load(tiny_gguf, gpu_layers="most")
+
+
+def test_ignore_eos_runs_to_max_tokens(model):
+    stop_id = tok1(model, constants.IM_END)
+    assert stop_id in model.eog_bias()
+    reply = model.chat(USER, max_tokens=30, ignore_eos=True, temperature=1.5, top_k=0, top_p=1.0, seed=11)
+    assert reply.finish_reason == "length" and reply.usage["completion_tokens"] == 30
+    assert not set(reply.tokens) & set(model.eog_bias())
+
+
+def test_bad_grammar_is_a_usage_error_and_the_model_goes_on(model):
+    with pytest.raises(UsageError, match="grammar does not parse"):
+        model.chat(USER, grammar="root ::= (", max_tokens=3)
+    assert model.chat(USER, max_tokens=2, logit_bias=stop_bias(model)).usage["completion_tokens"] == 2
+
+
+def test_abandoned_stream_leaves_a_consistent_cache(model):
+    for event in model.stream(USER, max_tokens=50, logit_bias=stop_bias(model)):
+        if event.kind == "thinking":
+            break
+    again = model.chat(USER, max_tokens=3, top_k=1)
+    assert again.usage["cached_tokens"] == again.usage["prompt_tokens"] - 1
+    model.reset()
+    assert model.chat(USER, max_tokens=3, top_k=1).tokens == again.tokens
+
+
+def test_cancel_while_reading_a_long_prompt_stops_between_batches(tiny_gguf):
+    m = QwQ.load(tiny_gguf, n_ctx=512, gpu_layers=0, seed=1, n_batch=64)
+    try:
+        long = [{"role": "user", "content": "strawberry " * 40}]
+        tokens = m.tokenize(m.render_prompt(long))
+        assert len(tokens) > 3 * 64
+
+        class AfterTwoBatches:  # Ctrl-C arriving while the third batch of the prompt is read
+            calls = 0
+
+            def is_set(self):
+                self.calls += 1
+                return self.calls > 2
+
+        reply = m.chat(long, max_tokens=5, cancel=AfterTwoBatches())
+        assert reply.finish_reason == "interrupted" and reply.tokens == []
+        assert m._cached == tokens[:128] and m._ctx.n_past == 128  # what was read is kept
+        again = m.chat(long, max_tokens=3, top_k=1)
+        assert again.usage["cached_tokens"] == 128
+        m.reset()
+        assert m.chat(long, max_tokens=3, top_k=1).tokens == again.tokens
+    finally:
+        m.close()
+
+
+def test_a_threading_event_cancels_too(model):
+    import threading
+
+    stop_now = threading.Event()
+    stop_now.set()
+    reply = model.chat(USER, max_tokens=100, logit_bias=stop_bias(model), cancel=stop_now)
+    assert reply.finish_reason == "interrupted" and reply.usage["completion_tokens"] == 0
+
+
+def test_one_generation_at_a_time(model):
+    first = model.stream(USER, max_tokens=20, logit_bias=stop_bias(model))
+    next(first)
+    with pytest.raises(UsageError, match="still generating"):
+        model.chat(USER, max_tokens=2)
+    first.close()
+    assert model.chat(USER, max_tokens=2, logit_bias=stop_bias(model)).usage["completion_tokens"] == 2
+
+
+def test_decode_loop_overhead_over_bare_llama_cpp_is_small(tiny_gguf_q4km):
+    """qwq-local's loop vs decode+sample alone, same model, context and sampler chain. CPU time
+    (one thread computes in this process) so other processes on the machine matter less."""
+    import time
+
+    from qwq_local.runtime.decode import Sampling, build_sampler
+
+    n = 200
+    with QwQ.load(tiny_gguf_q4km, n_ctx=512, gpu_layers=0, threads=1, seed=0) as m:
+        lib = backend.llama()
+        prompt_text = m.render_prompt(USER)
+        prompt = m.tokenize(prompt_text)
+        bias = m.eog_bias()
+        bare_ctx = backend.Context(m._model, n_ctx=512, n_threads=1)
+
+        def bare() -> float:
+            bare_ctx.truncate(0)
+            bare_ctx.decode(prompt, start_pos=0)
+            chain = build_sampler(lib, m._model, Sampling(seed=0, logit_bias=bias), penalty_window=64)
+            tok = lib.llama_sampler_sample(chain, bare_ctx.ptr, -1)
+            start = time.process_time()
+            for _ in range(n):
+                bare_ctx.decode_one(tok)
+                tok = lib.llama_sampler_sample(chain, bare_ctx.ptr, -1)
+            spent = time.process_time() - start
+            lib.llama_sampler_free(chain)
+            return spent / n
+
+        def ours() -> float:
+            m.reset()
+            start = None
+            for event in m.stream_prompt(prompt_text, sampling=Sampling(seed=0, logit_bias=bias), max_tokens=n + 1):
+                if start is None:
+                    start = time.process_time()
+            return (time.process_time() - start) / n
+
+        rounds = [(bare(), ours()) for _ in range(3)]
+        bare_ctx.close()
+    best_bare = min(r[0] for r in rounds)
+    best_ours = min(r[1] for r in rounds)
+    assert best_ours - best_bare < 0.3e-3, rounds
+
+
+def test_rope_scaling_in_the_gguf_is_ignored_within_the_native_window(tmp_path):
+    """Some GGUFs carry static YaRN in their metadata; QwQ's card says not to use it at or
+    below 32768 tokens, and the runtime overrides it (llama.cpp's own log is the witness)."""
+    import gguf
+    from gguf_craft import write_tiny_qwen2
+
+    T = gguf.GGUFValueType
+    path = write_tiny_qwen2(tmp_path / "yarn-meta.gguf", extra={
+        "qwen2.rope.scaling.type": ("yarn", T.STRING), "qwen2.rope.scaling.factor": (4.0, T.FLOAT32),
+        "qwen2.rope.scaling.original_context_length": (32768, T.UINT32)})
+
+    def freq_scale(load) -> list[str]:
+        with backend.capture_log() as log:
+            obj = load()
+        obj.close()
+        return re.findall(r"llama_context: freq_scale\s+=\s+(\S+)", "".join(log))
+
+    model = backend.Model.load(path)
+    try:  # what llama.cpp would do on its own: the file's factor 4
+        assert freq_scale(lambda: backend.Context(model, n_ctx=8192)) == ["0.25"]
+    finally:
+        model.close()
+    assert freq_scale(lambda: QwQ.load(path, n_ctx=8192, gpu_layers=0)) == ["1"]
+    assert freq_scale(lambda: QwQ.load(path, n_ctx=65536, gpu_layers=0)) == ["0.5"]
