@@ -57,10 +57,17 @@ DEFAULT_PRESENCE_PENALTY = 0.0
 DEFAULT_REPEAT_PENALTY = 1.0
 SAMPLER_ORDER = ("top_k", "top_p", "min_p", "temperature")
 
-# --- Context and YaRN (model card: static YaRN only above the native window) ----------------
+# --- Context and YaRN (model card: static YaRN x4 over 32768 for contexts above 8192) --------
 NATIVE_CONTEXT = 32768
 MAX_CONTEXT = 131072
-MAX_YARN_FACTOR = 4.0
+# The card: "for prompts exceeding 8,192 tokens" enable static YaRN, factor 4.0,
+# original_max_position_embeddings 32768 (llama.cpp: --rope-scaling yarn --rope-scale 4
+# --yarn-orig-ctx 32768, i.e. freq_scale 0.25). No scaling at or below YARN_MIN_CTX.
+YARN_MIN_CTX = 8192
+YARN_FACTOR = 4.0
+YARN_ORIG_CTX = 32768
+ROPE_SCALING_CHOICES = ("auto", "none", "yarn")
+DEFAULT_ROPE_SCALING = "auto"
 DEFAULT_N_CTX = 8192
 DEFAULT_N_BATCH = 512
 DEFAULT_N_UBATCH = 512

@@ -346,8 +346,7 @@ class Context:
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = constants.DEFAULT_N_BATCH,
                  n_ubatch: int | None = None, n_threads: int | None = None,
                  n_threads_batch: int | None = None, type_k: str = "f16", type_v: str = "f16",
-                 flash_attn: bool | None = None, yarn: dict | None = None, logits_all: bool = False,
-                 rope_none: bool = False):
+                 flash_attn: bool | None = None, rope: dict | None = None, logits_all: bool = False):
         lib = llama()
         if type_k not in GGML_TYPES or type_v not in GGML_TYPES:
             raise UsageError(f"unknown KV cache type {type_k}/{type_v}; use one of {', '.join(constants.KV_TYPES)}")
@@ -363,14 +362,17 @@ class Context:
         params.type_v = GGML_TYPES[type_v]
         if flash_attn is not None:
             params.flash_attn_type = 1 if flash_attn else 0
-        if yarn:
-            params.rope_scaling_type = 2  # LLAMA_ROPE_SCALING_TYPE_YARN
-            params.rope_freq_scale = float(yarn["freq_scale"])
-            params.yarn_orig_ctx = int(yarn["orig_ctx"])
-            params.yarn_ext_factor = float(yarn.get("ext_factor", -1.0))
-        elif rope_none:
-            # Ignore rope scaling a GGUF may carry in its metadata (QwQ: YaRN only beyond 32k).
-            params.rope_scaling_type = 0  # LLAMA_ROPE_SCALING_TYPE_NONE
+        # rope: a rope.rope_params dict; None leaves the GGUF's own rope metadata in charge.
+        if rope is not None and rope["scaling"] == "yarn":
+            params.rope_scaling_type = lib.LLAMA_ROPE_SCALING_TYPE_YARN
+            params.rope_freq_scale = float(rope["freq_scale"])
+            params.yarn_orig_ctx = int(rope["orig_ctx"])
+            # -1: llama.cpp picks ext_factor 1.0 for YaRN (llama-context.cpp), i.e. full YaRN.
+            params.yarn_ext_factor = -1.0
+        elif rope is not None:
+            # Plain RoPE even if the GGUF carries rope scaling in its metadata: with
+            # LLAMA_ROPE_SCALING_TYPE_NONE llama.cpp forces freq_scale 1 (llama-context.cpp).
+            params.rope_scaling_type = lib.LLAMA_ROPE_SCALING_TYPE_NONE
         params.no_perf = False
         self.model = model
         self.params = params

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import constants
+from ..backend.rope import rope_params, rope_rule
 from ..errors import UsageError
 
 
@@ -246,6 +247,8 @@ def report(*, probe: bool = True) -> dict:
             rec["where"] = "GPU + RAM (partial offload: gpu_layers auto)"
     else:
         rec = recommend_qwq(ram_budget, offload=False)
+    if rec["n_ctx"]:
+        rec["rope"] = rope_params(rec["n_ctx"])
     return {
         "llama_cpp_python": b.llama_cpp_version,
         "backends": list(b.backends),
@@ -256,6 +259,8 @@ def report(*, probe: bool = True) -> dict:
         "ram": asdict(r),
         "gpus": [asdict(g) for g in found],
         "amx": amx_status(probe=probe),
+        "rope": {"rule": rope_rule(), "default_ctx": rope_params(constants.DEFAULT_N_CTX),
+                 "max_ctx": rope_params(constants.MAX_CONTEXT)},
         "recommendation": rec,
     }
 
