@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from ..backend.rope import describe_rope
@@ -99,6 +100,12 @@ def doctor_report(r: dict) -> str:
                  f"extra buffer types (repack/AMX) {bufts}"
                  + (f" (forced by {amx['override']})" if amx["override"] else "")
                  + (f"; probe: {amx['probe_reason']}" if amx["probe_reason"] else ""))
+    dirs = sorted({str(Path(lib["path"]).parent) for lib in amx["libraries"]})
+    lines.append(f"  probe key {amx['build_key']}: {len(amx['libraries'])} llama.cpp libraries in {', '.join(dirs) or '?'} "
+                 "(size + mtime; a rebuild probes again)")
+    if amx["reinstall_without_amx"]:
+        lines.append("  to keep the repack kernels without AMX (extra buffer types then pass the probe), rebuild:")
+        lines.append(f"    {amx['reinstall_without_amx']}")
     lines.append(f"rope              {r['rope']['rule']}")
     rec = r["recommendation"]
     if rec["quant"]:
