@@ -57,10 +57,17 @@ DEFAULT_PRESENCE_PENALTY = 0.0
 DEFAULT_REPEAT_PENALTY = 1.0
 SAMPLER_ORDER = ("top_k", "top_p", "min_p", "temperature")
 
-# --- Context and YaRN (model card: static YaRN only above the native window) ----------------
+# --- Context and YaRN (model card: static YaRN x4 over 32768 for contexts above 8192) --------
 NATIVE_CONTEXT = 32768
 MAX_CONTEXT = 131072
-MAX_YARN_FACTOR = 4.0
+# The card: "for prompts exceeding 8,192 tokens" enable static YaRN, factor 4.0,
+# original_max_position_embeddings 32768 (llama.cpp: --rope-scaling yarn --rope-scale 4
+# --yarn-orig-ctx 32768, i.e. freq_scale 0.25). No scaling at or below YARN_MIN_CTX.
+YARN_MIN_CTX = 8192
+YARN_FACTOR = 4.0
+YARN_ORIG_CTX = 32768
+ROPE_SCALING_CHOICES = ("auto", "none", "yarn")
+DEFAULT_ROPE_SCALING = "auto"
 DEFAULT_N_CTX = 8192
 DEFAULT_N_BATCH = 512
 DEFAULT_N_UBATCH = 512
@@ -154,6 +161,25 @@ CPU_REPACK_TYPES = ("Q4_0", "Q4_K", "IQ4_NL")
 METAL_WORKING_SET_SHARE_SMALL = 2 / 3
 METAL_WORKING_SET_SHARE_LARGE = 3 / 4
 METAL_LARGE_MEMORY_BYTES = 36 * 1024**3
+
+# --- Extra buffer types (AMX/repack) probe (backend/probe.py) --------------------------------
+# Verdicts by build key (loaded libllama*/libggml* + llama-cpp-python version + CPU), under
+# cache_dir(); the newest PROBE_RECORD_MAX are kept (one per venv/build a user switches between).
+PROBE_RECORD_FILE = "extra_bufts_probes.json"
+PROBE_RECORD_MAX = 32
+PROBE_TIMEOUT_S = 120.0
+# This llama.cpp's x86 instruction-set CMake options (vendor/llama.cpp/ggml/CMakeLists.txt) and
+# the /proc/cpuinfo flags each needs. With GGML_NATIVE=ON (the default) the build uses
+# -march=native, which on an AMX CPU defines __AMX_INT8__ and compiles the AMX kernels whatever
+# GGML_AMX_* say; those options act only with GGML_NATIVE=OFF. So the no-AMX build is
+# GGML_NATIVE=OFF, these options set from the CPU's flags, GGML_AMX_*=OFF, GGML_CPU_REPACK=ON.
+GGML_X86_ISA_OPTIONS = (
+    ("SSE42", ("sse4_2",)), ("AVX", ("avx",)), ("AVX2", ("avx2",)), ("BMI2", ("bmi2",)),
+    ("FMA", ("fma",)), ("F16C", ("f16c",)), ("AVX_VNNI", ("avx_vnni",)),
+    ("AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    ("AVX512_VBMI", ("avx512vbmi",)), ("AVX512_VNNI", ("avx512_vnni",)), ("AVX512_BF16", ("avx512_bf16",)),
+)
+GGML_AMX_OPTIONS = ("AMX_TILE", "AMX_INT8", "AMX_BF16")
 
 # --- Environment variables ------------------------------------------------------------------
 ENV_DEBUG = "QWQ_LOCAL_DEBUG"

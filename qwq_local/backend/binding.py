@@ -14,9 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import hashlib
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 from .. import constants
 from ..errors import RuntimeLoadError, UsageError
-from ..fileutil import read_json_record, write_json_record
+from . import probe
 
 _LOCK = threading.Lock()
 _LOG: collections.deque[str] = collections.deque(maxlen=2000)
@@ -91,83 +89,100 @@ def llama_cpp_version() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Extra buffer types (AMX / repack): probed once per llama.cpp build and CPU, in a child process
+# Extra buffer types (AMX / repack): probed once per llama.cpp build, in a child process
 # ---------------------------------------------------------------------------------------------
 
-def _cpu_identity() -> str:
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _file_of_symbol(address: int | None) -> Path | None:
+    """The shared object that holds a code address (dladdr: glibc, musl and macOS have it)."""
+    if not address:
+        return None
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
-
-        return platform.processor() or platform.machine()
-    model = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
-    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return model + "|" + hashlib.sha256(flags.encode()).hexdigest()[:16]
-
-
-def cpu_advertises_amx() -> bool:
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return False
-    return "amx_tile" in flags.split()
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError, TypeError):  # Windows: no dladdr
+        return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    dladdr.restype = ctypes.c_int
+    info = _DlInfo()
+    if not dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return Path(os.fsdecode(info.dli_fname))
 
 
-def _probe_cache() -> Path:
-    return constants.cache_dir() / "extra_bufts_probe.json"
+def loaded_libraries() -> list[Path]:
+    """The native libraries of the llama.cpp this process runs: the files that hold libllama's
+    and ggml's code (found with dladdr, so LLAMA_CPP_LIB_PATH or a system libggml count as
+    they are) and every libllama*/libggml* beside them (probe.native_libraries)."""
+    lib = llama()
+    address = ctypes.cast(lib.llama_backend_init, ctypes.c_void_p).value
+    libllama = _file_of_symbol(address)
+    anchors = [libllama] if libllama else []
+    if libllama:
+        handle = ctypes.CDLL(str(libllama))  # the same, already loaded library: dlsym sees its dependencies
+        for symbol in ("ggml_init", "ggml_backend_reg_count", "ggml_backend_cpu_reg"):
+            fn = getattr(handle, symbol, None)  # ggml-base, ggml, ggml-cpu (absent in dynamic-backend builds)
+            found = _file_of_symbol(ctypes.cast(fn, ctypes.c_void_p).value) if fn is not None else None
+            if found:
+                anchors.append(found)
+    else:  # no dladdr: the package's own lib directory, where llama-cpp-python installs them
+        libdir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(lib.__file__).parent / "lib")
+        anchors = [p for p in libdir.glob("*") if p.is_file()] if libdir.is_dir() else []
+    return probe.native_libraries(anchors)
 
 
-def probe_record() -> dict:
-    """The cached probe verdict: {"key", "ok", "reason"}, or {} before the first probe."""
-    return read_json_record(_probe_cache())
+def build_key(libraries: Sequence[Path] | None = None) -> str:
+    """The probe record key of a build (default: the one loaded here); see probe.probe_key."""
+    return probe.probe_key(loaded_libraries() if libraries is None else libraries, version=llama_cpp_version())
 
 
-def extra_bufts_allowed() -> bool:
-    """Whether loading with extra buffer types is safe on this machine.
+def probe_record(libraries: Sequence[Path] | None = None) -> dict:
+    """The stored verdict for this build (or `libraries`): {"key", "ok", "reason", "libraries",
+    "llama_cpp_python", "cpu", "probed_at"}, or {"key"} alone before its first probe."""
+    key = build_key(libraries)
+    return probe.probe_records().get(key) or {"key": key}
 
-    QWQ_LOCAL_AMX=off|on overrides; otherwise a child process decodes a quantized batch with
-    them on, once per (llama-cpp-python version, CPU); a crash there means "not safe".
+
+def extra_bufts_allowed(*, libraries: Sequence[Path] | None = None, command: Sequence[str] | None = None) -> bool:
+    """Whether loading with extra buffer types is safe on this machine with this build.
+
+    QWQ_LOCAL_AMX=off|on overrides; otherwise a child process decodes quantized batches with
+    them on, once per build key (the loaded libllama*/libggml* files with their size and
+    mtime_ns, the llama-cpp-python version, the CPU): a rebuild or reinstall probes again, and
+    builds side by side (two venvs) keep a verdict each. A crash there means "not safe".
+    libraries/command: another build's files and probe command (tests); the default verdict is
+    also cached in this process (the loaded libraries cannot change under it).
     """
     forced = os.environ.get(constants.ENV_AMX, "").strip().lower()
     if forced in {"off", "0", "false", "no"}:
         return False
     if forced in {"on", "1", "true", "yes"}:
         return True
-    cached = _STATE.get("extra_bufts")
-    if cached is not None:
-        return cached
-    key = f"{llama_cpp_version()}|{_cpu_identity()}"
-    record = probe_record()
-    if record.get("key") == key and isinstance(record.get("ok"), bool):
-        ok = record["ok"]
-    else:
-        result = probe_extra_bufts()
-        ok = result["ok"]
-        write_json_record(_probe_cache(), {"key": key, **result})
-    _STATE["extra_bufts"] = ok
-    return ok
+    default = libraries is None and command is None
+    if default and _STATE.get("extra_bufts") is not None:
+        return _STATE["extra_bufts"]
+    libs = loaded_libraries() if libraries is None else list(libraries)
+    key = probe.probe_key(libs, version=llama_cpp_version())
+    record = probe.probe_records().get(key)
+    if record is None:
+        result = probe_extra_bufts(command=command)
+        record = probe.store_probe_record(key, {
+            **result, "libraries": probe.library_fingerprint(libs), "llama_cpp_python": llama_cpp_version(),
+            "cpu": probe.cpu_identity()})
+    if default:
+        _STATE["extra_bufts"] = record["ok"]
+    return record["ok"]
 
 
-def probe_extra_bufts(*, command: Sequence[str] | None = None, timeout: float = 120.0) -> dict:
-    """Run the probe child (or `command`, for tests) and classify how it ended."""
+def probe_extra_bufts(*, command: Sequence[str] | None = None, timeout: float = constants.PROBE_TIMEOUT_S) -> dict:
+    """Run the probe child (or `command`, for tests) and classify how it ended (probe.run_probe)."""
     if command is None:
         models = _write_probe_models(constants.cache_dir())
         command = [sys.executable, "-m", "qwq_local.backend", "--probe-extra-bufts", *map(str, models)]
-    try:
-        proc = subprocess.run(list(command), capture_output=True, timeout=timeout, text=True,
-                              env={**os.environ, constants.ENV_AMX: ""})
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "reason": f"probe timed out after {timeout:.0f}s"}
-    if proc.returncode == 0 and "probe-ok" in proc.stdout:
-        return {"ok": True, "reason": "quantized batch decoded with extra buffer types"}
-    if proc.returncode < 0:
-        import signal
-
-        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else str(-proc.returncode)
-        return {"ok": False, "reason": f"probe child killed by {name} (llama.cpp's AMX/repack kernel faults here)"}
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"ok": False, "reason": f"probe child exited {proc.returncode}: {' | '.join(tail)}"}
+    return probe.run_probe(command, timeout=timeout)
 
 
 def _write_probe_models(directory: Path) -> list[Path]:
@@ -346,8 +361,7 @@ class Context:
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = constants.DEFAULT_N_BATCH,
                  n_ubatch: int | None = None, n_threads: int | None = None,
                  n_threads_batch: int | None = None, type_k: str = "f16", type_v: str = "f16",
-                 flash_attn: bool | None = None, yarn: dict | None = None, logits_all: bool = False,
-                 rope_none: bool = False):
+                 flash_attn: bool | None = None, rope: dict | None = None, logits_all: bool = False):
         lib = llama()
         if type_k not in GGML_TYPES or type_v not in GGML_TYPES:
             raise UsageError(f"unknown KV cache type {type_k}/{type_v}; use one of {', '.join(constants.KV_TYPES)}")
@@ -363,14 +377,17 @@ class Context:
         params.type_v = GGML_TYPES[type_v]
         if flash_attn is not None:
             params.flash_attn_type = 1 if flash_attn else 0
-        if yarn:
-            params.rope_scaling_type = 2  # LLAMA_ROPE_SCALING_TYPE_YARN
-            params.rope_freq_scale = float(yarn["freq_scale"])
-            params.yarn_orig_ctx = int(yarn["orig_ctx"])
-            params.yarn_ext_factor = float(yarn.get("ext_factor", -1.0))
-        elif rope_none:
-            # Ignore rope scaling a GGUF may carry in its metadata (QwQ: YaRN only beyond 32k).
-            params.rope_scaling_type = 0  # LLAMA_ROPE_SCALING_TYPE_NONE
+        # rope: a rope.rope_params dict; None leaves the GGUF's own rope metadata in charge.
+        if rope is not None and rope["scaling"] == "yarn":
+            params.rope_scaling_type = lib.LLAMA_ROPE_SCALING_TYPE_YARN
+            params.rope_freq_scale = float(rope["freq_scale"])
+            params.yarn_orig_ctx = int(rope["orig_ctx"])
+            # -1: llama.cpp picks ext_factor 1.0 for YaRN (llama-context.cpp), i.e. full YaRN.
+            params.yarn_ext_factor = -1.0
+        elif rope is not None:
+            # Plain RoPE even if the GGUF carries rope scaling in its metadata: with
+            # LLAMA_ROPE_SCALING_TYPE_NONE llama.cpp forces freq_scale 1 (llama-context.cpp).
+            params.rope_scaling_type = lib.LLAMA_ROPE_SCALING_TYPE_NONE
         params.no_perf = False
         self.model = model
         self.params = params

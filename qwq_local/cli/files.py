@@ -126,6 +126,18 @@ def eval_cmd(
             typer.echo(f"wrote {plot}")
 
 
+def rope_summary(info) -> dict:
+    """The file's own rope scaling keys and what qwq-local applies instead (backend/rope.py)."""
+    from ..backend.rope import rope_params, rope_rule
+
+    kind = info.arch_value("rope.scaling.type")
+    in_file = None if kind in (None, "none") else {
+        "scaling": str(kind), "factor": info.arch_value("rope.scaling.factor"),
+        "orig_ctx": info.arch_value("rope.scaling.original_context_length")}
+    return {"gguf": in_file, "rule": rope_rule(), "at_default_ctx": rope_params(constants.DEFAULT_N_CTX),
+            "at_max_ctx": rope_params(constants.MAX_CONTEXT)}
+
+
 @command("info")
 def info_cmd(
     model: str = typer.Argument(..., help="A .gguf file or a cached model name (qwq:q4_k_m)."),
@@ -144,6 +156,7 @@ def info_cmd(
     info = ensure_loadable(path) if load_check else inspect_gguf(path)
     summary = info.summary()
     summary["load_checked"] = is_validated(path, info)
+    summary["rope"] = rope_summary(info)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
         return

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
+from ..backend.rope import describe_rope
 from ..fileutil import human_bytes
 
 
@@ -48,6 +50,12 @@ def info_table(s: dict) -> str:
         ("tensor types", types),
         ("load check", "passed" if s["load_checked"] else "not run yet (--load-check, or any load, runs it)"),
     ]
+    rope = s.get("rope")
+    if rope:
+        f = rope["gguf"]
+        in_file = ("none" if f is None else
+                   _printable(f"{f['scaling']} x{f['factor']} (orig ctx {f['orig_ctx']})") + ", not used as such")
+        rows += [("rope (file)", in_file), ("rope (applied)", rope["rule"])]
     lines = [f"{key:<16}{value}" for key, value in rows]
     lines += [f"warning: {_printable(w)}" for w in s["warnings"]]
     return "\n".join(lines)
@@ -62,6 +70,7 @@ def plan_table(d: dict) -> str:
              f"batch {d['n_batch']}/{d['n_ubatch']}, gpu layers {d['gpu_layers']} of {d['n_layer'] + 1}"
              + (", CPU weights repacked" if d["repack"] else "")
              + (f"; compute from {d['compute_source']}" if d["compute_source"] != "formula" else ""),
+             f"rope        {describe_rope(d['rope'])}",
              "",
              f"{'':<10}{'CPU (RAM)':>14}{'GPU':>14}{'total':>14}"]
     for label, key in rows:
@@ -91,9 +100,17 @@ def doctor_report(r: dict) -> str:
                  f"extra buffer types (repack/AMX) {bufts}"
                  + (f" (forced by {amx['override']})" if amx["override"] else "")
                  + (f"; probe: {amx['probe_reason']}" if amx["probe_reason"] else ""))
+    dirs = sorted({str(Path(lib["path"]).parent) for lib in amx["libraries"]})
+    lines.append(f"  probe key {amx['build_key']}: {len(amx['libraries'])} llama.cpp libraries in {', '.join(dirs) or '?'} "
+                 "(size + mtime; a rebuild probes again)")
+    if amx["reinstall_without_amx"]:
+        lines.append("  to keep the repack kernels without AMX (extra buffer types then pass the probe), rebuild:")
+        lines.append(f"    {amx['reinstall_without_amx']}")
+    lines.append(f"rope              {r['rope']['rule']}")
     rec = r["recommendation"]
     if rec["quant"]:
-        lines.append(f"QwQ-32B           {rec['quant']} at context {rec['n_ctx']} in {rec['where']}: needs "
+        lines.append(f"QwQ-32B           {rec['quant']} at context {rec['n_ctx']} (rope {describe_rope(rec['rope'])}) "
+                     f"in {rec['where']}: needs "
                      f"~{human_bytes(rec['need_bytes'])} of {human_bytes(rec['budget_bytes'])} usable "
                      f"(get it: {rec['pull']})")
     else:

@@ -13,8 +13,9 @@ from .app import command
 @command("plan")
 def plan_cmd(
     model: str = typer.Option(..., "-m", "--model", help="A .gguf file or a model name (qwq:q4_k_m)."),
-    ctx: int = typer.Option(constants.DEFAULT_N_CTX, "--ctx", help="Context length in tokens."),
+    ctx: int = opts.CTX,
     kv_type: str = opts.KV,
+    rope_scaling: str = opts.ROPE,
     flash_attn: Optional[bool] = typer.Option(
         None, "--flash-attn/--no-flash-attn", help="Flash attention (default: auto, which is on)."),
     gpu_layers: str = typer.Option("0", "--gpu-layers", help="auto, all, or a number of layers."),
@@ -35,7 +36,8 @@ def plan_cmd(
 
     p = plan(resolve_model(model), n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
              n_batch=n_batch, n_ubatch=n_ubatch, gpu_layers=gpu_layers,
-             vram=parse_size(vram) if vram else None, ram=parse_size(ram) if ram else None, dry_run=dry_run)
+             vram=parse_size(vram) if vram else None, ram=parse_size(ram) if ram else None, dry_run=dry_run,
+             rope_scaling=rope_scaling)
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=2))
     else:

@@ -51,9 +51,13 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
-# Options shared by `run`, `chat` and `plan` (typer needs them as parameter defaults).
+# Options shared by `run`, `chat`, `bench` and `plan` (typer needs them as parameter defaults).
 MODEL = typer.Option(..., "-m", "--model", help="A .gguf file or a cached name such as qwq:q4_k_m.")
-CTX = typer.Option(constants.DEFAULT_N_CTX, "--ctx", help="Context length in tokens (up to 131072; YaRN above 32768).")
+CTX = typer.Option(constants.DEFAULT_N_CTX, "--ctx", help=f"Context length in tokens (up to {constants.MAX_CONTEXT}; "
+                                                          f"static YaRN above {constants.YARN_MIN_CTX}, see --rope-scaling).")
+ROPE = typer.Option(constants.DEFAULT_ROPE_SCALING, "--rope-scaling", callback=_lower,
+                    help=f"auto (the model card: no scaling at --ctx <= {constants.YARN_MIN_CTX}, static YaRN "
+                         f"x{constants.YARN_FACTOR:g} over {constants.YARN_ORIG_CTX} above), none, or yarn (at any --ctx).")
 GPU = typer.Option("auto", "--gpu-layers", help="Layers to offload to the GPU: auto, or a number (0: CPU only, -1: all).")
 THREADS = typer.Option(None, "--threads", help="CPU threads (default: physical cores).")
 TEMPLATE = typer.Option(constants.DEFAULT_TEMPLATE_CHOICE, "--template",

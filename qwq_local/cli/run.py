@@ -13,7 +13,8 @@ from .app import command, err
 
 
 def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int], seed: Optional[int],
-                template: str, kv_type: str, flash_attn: Optional[bool] = None):
+                template: str, kv_type: str, flash_attn: Optional[bool] = None,
+                rope_scaling: str = constants.DEFAULT_ROPE_SCALING):
     import warnings
 
     from ..runtime.model import QwQ
@@ -23,7 +24,7 @@ def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int],
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         llm = QwQ.load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                       kv_type=kv_type, flash_attn=flash_attn)
+                       kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling)
     for warning in caught:
         err(f"warning: {warning.message}")
     return llm
@@ -55,10 +56,11 @@ def run_cmd(
     template: str = opts.TEMPLATE,
     kv_type: str = opts.KV,
     flash_attn: Optional[bool] = opts.FA,
+    rope_scaling: str = opts.ROPE,
     ignore_eos: bool = opts.IGNORE_EOS,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the thought."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (thinking, content, tool_calls, "
-                                                      "finish_reason, usage, timings)."),
+                                                      "finish_reason, usage, timings, model: n_ctx and rope)."),
 ) -> None:
     """Answer one prompt: the thought on stderr (dimmed), the answer on stdout."""
     import json
@@ -77,10 +79,14 @@ def run_cmd(
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
                                 ignore_eos=ignore_eos)
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                     kv_type=kv_type, flash_attn=flash_attn) as llm:
+                     kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling) as llm:
         if as_json:
             reply = llm.chat(messages, **options)
-            typer.echo(json.dumps(reply.to_dict(), ensure_ascii=False))
+            out = reply.to_dict()
+            # What the reply was generated with: the context and the rope in effect.
+            out["model"] = {"path": str(llm.path), "n_ctx": llm.n_ctx, "rope": llm.rope, "gpu_layers": llm.gpu_layers,
+                            "kv_type": llm.kv_type, "extra_bufts": llm.extra_bufts}
+            typer.echo(json.dumps(out, ensure_ascii=False))
             return
         printer = Printer(thought_stream=sys.stderr, answer_stream=sys.stdout, show_thinking=not hide_thinking)
         reply = stream_reply(llm, messages, printer, options=options)
@@ -110,6 +116,7 @@ def chat_cmd(
     template: str = opts.TEMPLATE,
     kv_type: str = opts.KV,
     flash_attn: Optional[bool] = opts.FA,
+    rope_scaling: str = opts.ROPE,
     ignore_eos: bool = opts.IGNORE_EOS,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Start with the thought hidden (/think show)."),
 ) -> None:
@@ -123,7 +130,7 @@ def chat_cmd(
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
                                 ignore_eos=ignore_eos)
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                     kv_type=kv_type, flash_attn=flash_attn) as llm:
+                     kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling) as llm:
         code = repl(llm, system=system, options=options, show_thinking=not hide_thinking)
     raise typer.Exit(code)
 
@@ -136,12 +143,14 @@ def bench_cmd(
     threads: Optional[int] = opts.THREADS,
     gpu_layers: str = opts.GPU,
     kv_type: str = opts.KV,
+    rope_scaling: str = opts.ROPE,
     repetitions: int = typer.Option(1, "--repetitions", "-r", help="Runs to average."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Prompt (pp) and generation (tg) speed, like llama-bench."""
     import json
 
+    from ..backend.rope import describe_rope
     from ..errors import UsageError
 
     if prompt_tokens < 1 or gen_tokens < 1:
@@ -152,7 +161,7 @@ def bench_cmd(
         raise UsageError(f"--prompt-tokens + --gen-tokens must stay under the {constants.MAX_CONTEXT}-token "
                          f"context limit, not {prompt_tokens} + {gen_tokens}")
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=0, template="original",
-                     kv_type=kv_type) as llm:
+                     kv_type=kv_type, rope_scaling=rope_scaling) as llm:
         result = llm.bench(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repetitions=repetitions)
     if as_json:
         typer.echo(json.dumps(result))
@@ -160,6 +169,7 @@ def bench_cmd(
     typer.echo(f"model      {result['model']}")
     typer.echo(f"threads    {result['threads']}   gpu layers {result['gpu_layers']}   "
                f"extra buffers (AMX/repack) {'on' if result['extra_bufts'] else 'off'}")
+    typer.echo(f"context    {result['n_ctx']}   rope {describe_rope(result['rope'])}")
     typer.echo(f"pp{prompt_tokens:<7} {result['pp_tps']:10.1f} tokens/s")
     typer.echo(f"tg{gen_tokens:<7} {result['tg_tps']:10.1f} tokens/s")
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import constants
+from ..backend.rope import rope_params, rope_rule
 from ..errors import UsageError
 
 
@@ -179,18 +180,26 @@ def offload_memory_free() -> int:
 
 
 def amx_status(*, probe: bool = True) -> dict:
-    """AMX advertised by the CPU, whether extra buffer types are on, and the cached probe."""
+    """AMX advertised by the CPU, whether extra buffer types are on, the probe's verdict for this
+    build and its key (the loaded libllama*/libggml* files), and, when the probe failed, the
+    reinstall command that keeps the repack kernels without AMX."""
     from ..backend import binding as backend
+    from ..backend.probe import cpu_advertises_amx, cpu_flags
 
     # Probe first (it writes the record on a first run), then read why it decided so.
     allowed = backend.extra_bufts_allowed() if probe else None
     record = backend.probe_record()
+    libs = record.get("libraries") or [{"path": str(p)} for p in backend.loaded_libraries()]
+    failed = record.get("ok") is False
     return {
-        "advertised": backend.cpu_advertises_amx(),
+        "advertised": cpu_advertises_amx(),
         "extra_buffer_types": allowed,
         "override": f"{constants.ENV_AMX}={os.environ[constants.ENV_AMX]}" if os.environ.get(constants.ENV_AMX) else None,
         "probe_ok": record.get("ok"),
         "probe_reason": record.get("reason"),
+        "build_key": record["key"],
+        "libraries": libs,
+        "reinstall_without_amx": no_amx_reinstall(cpu_flags(), build().backends) if failed else None,
     }
 
 
@@ -199,6 +208,27 @@ REINSTALL = {
           f'llama-cpp-python=={constants.LLAMA_CPP_PYTHON_VERSION}'
     for name, flag in (("CUDA", "CUDA"), ("Metal", "METAL"), ("Vulkan", "VULKAN"))
 }
+
+
+def no_amx_cmake_args(flags: frozenset[str] | set[str], backends: tuple[str, ...] = ("CPU",)) -> str:
+    """CMAKE_ARGS for a llama.cpp build with this CPU's instruction sets and the repack kernels,
+    but no AMX kernels. GGML_NATIVE must be OFF: -march=native on an AMX CPU compiles the AMX
+    kernels whatever GGML_AMX_* say (vendor/llama.cpp/ggml/src/ggml-cpu/CMakeLists.txt); each
+    GGML_<ISA> option is set from the CPU flags it needs (constants.GGML_X86_ISA_OPTIONS).
+    GPU backends of the current build are kept."""
+    args = ["-DGGML_NATIVE=OFF", "-DGGML_CPU_REPACK=ON"]
+    for option, needs in constants.GGML_X86_ISA_OPTIONS:
+        args.append(f"-DGGML_{option}={'ON' if all(f in flags for f in needs) else 'OFF'}")
+    args += [f"-DGGML_{option}=OFF" for option in constants.GGML_AMX_OPTIONS]
+    args += [f"-DGGML_{name.upper()}=on" for name in backends if name in ("CUDA", "Metal", "Vulkan")]
+    return " ".join(args)
+
+
+def no_amx_reinstall(flags: frozenset[str] | set[str], backends: tuple[str, ...] = ("CPU",)) -> str:
+    """The pip command for no_amx_cmake_args. --no-cache-dir: pip's wheel cache ignores
+    CMAKE_ARGS and would reinstall the cached (AMX) wheel; --force-reinstall: same version."""
+    return (f'CMAKE_ARGS="{no_amx_cmake_args(flags, backends)}" pip install --force-reinstall --no-cache-dir '
+            f'llama-cpp-python=={constants.LLAMA_CPP_PYTHON_VERSION}')
 
 
 def recommend_qwq(budget: int, *, offload: bool) -> dict:
@@ -246,6 +276,8 @@ def report(*, probe: bool = True) -> dict:
             rec["where"] = "GPU + RAM (partial offload: gpu_layers auto)"
     else:
         rec = recommend_qwq(ram_budget, offload=False)
+    if rec["n_ctx"]:
+        rec["rope"] = rope_params(rec["n_ctx"])
     return {
         "llama_cpp_python": b.llama_cpp_version,
         "backends": list(b.backends),
@@ -256,6 +288,8 @@ def report(*, probe: bool = True) -> dict:
         "ram": asdict(r),
         "gpus": [asdict(g) for g in found],
         "amx": amx_status(probe=probe),
+        "rope": {"rule": rope_rule(), "default_ctx": rope_params(constants.DEFAULT_N_CTX),
+                 "max_ctx": rope_params(constants.MAX_CONTEXT)},
         "recommendation": rec,
     }
 

@@ -5,11 +5,12 @@ it fits this machine, and the automatic choice of GPU layers and context (auto_g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import constants
+from ..backend.rope import rope_params
 from ..errors import InsufficientMemoryError, UsageError
 from .rules import (  # noqa: F401  (layer_of, pad_ctx: re-exported for callers and tests)
     ModelShape,
@@ -48,6 +49,9 @@ class MemoryPlan:
     fits: bool | None = None
     reason: str = ""
     compute_source: str = "formula"  # or "llama.cpp dry run"
+    # The rope scaling this context gets (backend.rope.rope_params): no memory effect, shown so
+    # a plan says everything the load will do.
+    rope: dict = field(default_factory=dict)
 
     def total(self, device: str) -> int:
         return sum(part.get(device, 0) for part in (self.weights, self.kv, self.compute, self.output))
@@ -74,7 +78,7 @@ class MemoryPlan:
             "model": self.model, "gpu_layers": self.gpu_layers, "n_layer": self.n_layer,
             "n_ctx": self.n_ctx, "n_ctx_requested": self.n_ctx_requested, "n_batch": self.n_batch,
             "n_ubatch": self.n_ubatch, "kv_type": self.kv_type, "flash_attn": self.flash_attn,
-            "repack": self.repack, "compute_source": self.compute_source,
+            "repack": self.repack, "compute_source": self.compute_source, "rope": self.rope,
             "weights_bytes": dev(self.weights), "kv_bytes": dev(self.kv),
             "compute_bytes": dev(self.compute), "output_bytes": dev(self.output),
             "total_bytes": totals,
@@ -128,7 +132,7 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
          n_ubatch: int = constants.DEFAULT_N_UBATCH, gpu_layers: int | str = 0,
          vram: int | None = None, ram: int | None = None, use_mmap: bool = True,
          offload_kqv: bool = True, repack: bool | None = None, logits_all: bool = False,
-         dry_run: bool = False) -> MemoryPlan:
+         dry_run: bool = False, rope_scaling: str = constants.DEFAULT_ROPE_SCALING) -> MemoryPlan:
     """Predict llama.cpp's allocations for `model` (a GGUF path) with these settings.
 
     gpu_layers: a number (0 = CPU only, n_layer + 1 or -1 = everything) or "auto" (see
@@ -140,16 +144,17 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
     dry_run: take the compute buffers from llama.cpp itself (a metadata-only load of this file
     with these settings: exact for this build; used where the build can place the layers as
     planned, i.e. CPU-only plans or builds with GPU offload).
+    rope_scaling: "auto" | "none" | "yarn", as QwQ.load; the plan's `rope` shows what the
+    context (after any automatic shortening) gets. Raises UsageError for n_ctx outside 1..131072.
     """
+    rope = rope_params(n_ctx, rope_scaling)  # also the n_ctx range check
     shape = read_shape(model)
     kv_type = kv_type.lower()
     if isinstance(gpu_layers, str) and gpu_layers.strip().lower() == "auto":
         fit = auto_gpu_layers(shape, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
                               n_ubatch=n_ubatch, vram=vram, ram=ram, use_mmap=use_mmap, repack=repack,
-                              dry_run=dry_run or None)
+                              dry_run=dry_run or None, rope_scaling=rope_scaling)
         return fit.plan
-    if n_ctx <= 0:
-        raise UsageError(f"n_ctx must be positive, not {n_ctx}")
     if n_batch < 1 or n_ubatch < 1:
         raise UsageError(f"batch sizes must be at least 1, not n_batch={n_batch}, n_ubatch={n_ubatch}")
     n_layer = shape.n_layer
@@ -235,7 +240,7 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
     result = MemoryPlan(
         model=str(shape.path), gpu_layers=ngl, n_layer=n_layer, n_ctx=ctx, n_ctx_requested=int(n_ctx),
         n_batch=batch, n_ubatch=ubatch, kv_type=kv_type, flash_attn=fa, repack=bool(repack), compute_source=source,
-        weights=weights, weights_logged=logged, kv=kv, compute=compute, output=output)
+        weights=weights, weights_logged=logged, kv=kv, compute=compute, output=output, rope=rope)
     _check_fit(result, vram=vram, ram=ram)
     return result
 
@@ -310,7 +315,8 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
                     kv_type: str = "f16", flash_attn: bool | None = None,
                     n_batch: int = constants.DEFAULT_N_BATCH, n_ubatch: int = constants.DEFAULT_N_UBATCH,
                     vram: int | None = None, ram: int | None = None, min_ctx: int = constants.PLAN_MIN_CTX,
-                    use_mmap: bool = True, repack: bool | None = None, dry_run: bool | None = None) -> AutoFit:
+                    use_mmap: bool = True, repack: bool | None = None, dry_run: bool | None = None,
+                    rope_scaling: str = constants.DEFAULT_ROPE_SCALING) -> AutoFit:
     """The most GPU layers that fit free VRAM and RAM (each minus a margin) at n_ctx; if nothing
     fits, the largest context (a multiple of 256) down to `min_ctx` at which something does.
 
@@ -334,7 +340,7 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
 
         dry_run = max_layers > 0 and hardware.build().gpu_offload
     kw = dict(kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, dry_run=dry_run,
-              vram=vram, ram=ram, use_mmap=use_mmap, repack=repack)
+              vram=vram, ram=ram, use_mmap=use_mmap, repack=repack, rope_scaling=rope_scaling)
 
     def best_at(ctx: int) -> tuple[MemoryPlan | None, MemoryPlan]:
         """The plan with the most GPU layers that fits at `ctx` (None if none does), and the

@@ -1,5 +1,5 @@
-"""The generation side of the runtime: rope (YaRN) choice, the llama.cpp sampler chain, the reply
-types and the token loop.
+"""The generation side of the runtime: the llama.cpp sampler chain, the reply types and the
+token loop (the rope/YaRN rule lives in backend/rope.py, below plan, which shows it too).
 
 The loop is written for speed: sampling runs inside llama.cpp (`llama_sampler_sample`), token
 bytes come from a dict, text from an incremental UTF-8 decoder, and the per-token Python work is
@@ -15,26 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 from .. import constants
+from ..backend.rope import rope_params  # noqa: F401  (the rope rule; re-exported for runtime callers)
 from ..errors import UsageError
-
-
-# ---------------------------------------------------------------------------------------------
-# Context length -> rope parameters (the model card's static YaRN rule)
-# ---------------------------------------------------------------------------------------------
-
-def rope_params(n_ctx: int) -> dict:
-    """The rope scaling the runtime applies for a context of n_ctx tokens.
-
-    QwQ's card: static YaRN (factor up to 4 over the native 32768 window) only for contexts
-    beyond 32768, because static scaling costs quality on short texts; never at or below it.
-    """
-    n_ctx = int(n_ctx)
-    if n_ctx <= 0 or n_ctx > constants.MAX_CONTEXT:
-        raise UsageError(f"n_ctx must be between 1 and {constants.MAX_CONTEXT}, not {n_ctx}")
-    if n_ctx <= constants.NATIVE_CONTEXT:
-        return {"scaling": "none", "factor": 1.0, "freq_scale": 1.0, "orig_ctx": constants.NATIVE_CONTEXT}
-    factor = min(n_ctx / constants.NATIVE_CONTEXT, constants.MAX_YARN_FACTOR)
-    return {"scaling": "yarn", "factor": factor, "freq_scale": 1.0 / factor, "orig_ctx": constants.NATIVE_CONTEXT}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,10 +87,13 @@ class QwQ:
              gpu_layers: int | str = "auto", kv_type: str = "f16", flash_attn: bool | None = None,
              threads: int | None = None, seed: int | None = None,
              template: str | Path = constants.DEFAULT_TEMPLATE_CHOICE,
-             n_batch: int = constants.DEFAULT_N_BATCH) -> "QwQ":
+             n_batch: int = constants.DEFAULT_N_BATCH,
+             rope_scaling: str = constants.DEFAULT_ROPE_SCALING) -> "QwQ":
         """Load a GGUF (a path, or a cached name such as `qwq:q4_k_m`) with one context.
 
-        n_ctx above 32768 turns on static YaRN (see `rope_params`); kv_type q8_0/q4_0 quantize
+        rope_scaling "auto" applies the card's rule (static YaRN x4, orig ctx 32768, when n_ctx >
+        8192; see `rope_params`), "none"/"yarn" force it off/on; `model.rope` says what is in
+        effect (after a context shortened to fit memory, too). kv_type q8_0/q4_0 quantize
         the KV cache (needs flash attention, turned on by llama.cpp's auto setting);
         template is "original" (QwQ's released template, the default), "gguf" (the file's own)
         or a path to a .jinja file.
@@ -104,7 +107,7 @@ class QwQ:
             raise UsageError(f"a {kv_type} KV cache needs flash attention; drop flash_attn=False or use kv_type='f16'")
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, not {threads}")
-        rope_params(n_ctx)  # range check before any work
+        rope_params(n_ctx, rope_scaling)  # range and choice check before any work
         path = _resolve(model)
         layers, fitted_ctx, placement = _gpu_layers(gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type,
                                                     flash_attn=flash_attn, n_batch=n_batch)
@@ -112,7 +115,7 @@ class QwQ:
             warnings.warn(f"context reduced from {n_ctx} to {fitted_ctx} tokens to fit memory: {placement}",
                           UserWarning, stacklevel=2)
             n_ctx = fitted_ctx
-        rope = rope_params(n_ctx)
+        rope = rope_params(n_ctx, rope_scaling)
         llm = load_model(path, n_gpu_layers=layers)
         try:
             selection = select_template(template, gguf_template=llm.meta("tokenizer.chat_template"))
@@ -122,10 +125,8 @@ class QwQ:
                 if key not in _WARNED_TEMPLATES:
                     _WARNED_TEMPLATES.add(key)
                     warnings.warn(f"{path.name}: {selection.warning}", UserWarning, stacklevel=2)
-            yarn = {"freq_scale": rope["freq_scale"], "orig_ctx": rope["orig_ctx"]} if rope["scaling"] == "yarn" else None
             ctx = backend.Context(llm, n_ctx=int(n_ctx), n_batch=n_batch, n_threads=threads,
-                                  type_k=kv_type, type_v=kv_type, flash_attn=flash_attn, yarn=yarn,
-                                  rope_none=yarn is None)
+                                  type_k=kv_type, type_v=kv_type, flash_attn=flash_attn, rope=rope)
         except BaseException:
             llm.close()
             raise
@@ -414,4 +415,4 @@ class QwQ:
         self.reset()
         return {"pp_tps": sum(pp) / len(pp), "tg_tps": sum(tg) / len(tg), "prompt_tokens": prompt_tokens,
                 "gen_tokens": gen_tokens, "threads": self.threads, "gpu_layers": self.gpu_layers,
-                "n_ctx": self.n_ctx, "extra_bufts": self.extra_bufts, "model": str(self.path)}
+                "n_ctx": self.n_ctx, "rope": self.rope, "extra_bufts": self.extra_bufts, "model": str(self.path)}

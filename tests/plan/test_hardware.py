@@ -76,10 +76,12 @@ def test_doctor_json():
         assert key in d
     assert d["ram"]["total"] == psutil.virtual_memory().total
     assert set(d["amx"]) >= {"advertised", "extra_buffer_types", "probe_reason"}
-    from qwq_local.backend import binding as backend
+    from qwq_local import backend
 
     assert d["amx"]["advertised"] == backend.cpu_advertises_amx()
     assert d["amx"]["extra_buffer_types"] == backend.extra_bufts_allowed()
+    assert d["amx"]["build_key"] == backend.build_key()
+    assert [lib["path"] for lib in d["amx"]["libraries"]] == [str(p) for p in backend.loaded_libraries()]
     if not d["gpu_offload"]:
         assert any("-DGGML_CUDA=on" in cmd for cmd in d["reinstall"].values()) or d["reinstall"]
 
@@ -101,3 +103,66 @@ def test_doctor_shows_the_amx_override(monkeypatch):
     assert res.exit_code == 0, res.output
     amx = json.loads(res.output)["amx"]
     assert amx["extra_buffer_types"] is False and amx["override"] == "QWQ_LOCAL_AMX=off"
+
+
+# --- AMX: the probe key and the no-AMX rebuild ----------------------------------------------
+
+SAPPHIRE_RAPIDS = {"sse4_2", "avx", "avx2", "bmi2", "fma", "f16c", "avx_vnni", "avx512f", "avx512cd", "avx512vl",
+                   "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+                   "amx_bf16"}
+
+
+def test_no_amx_build_keeps_the_cpus_instruction_sets_and_repack():
+    args = hardware.no_amx_cmake_args(SAPPHIRE_RAPIDS).split()
+    # -march=native would compile the AMX kernels on this CPU whatever GGML_AMX_* say.
+    assert args[:2] == ["-DGGML_NATIVE=OFF", "-DGGML_CPU_REPACK=ON"]
+    for opt in ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C", "AVX_VNNI", "AVX512", "AVX512_VBMI",
+                "AVX512_VNNI", "AVX512_BF16"):
+        assert f"-DGGML_{opt}=ON" in args
+    for opt in ("AMX_TILE", "AMX_INT8", "AMX_BF16"):
+        assert f"-DGGML_{opt}=OFF" in args
+    # AVX-512 in llama.cpp's sense needs all five of F, CD, VL, DQ, BW (it passes -mavx512* for each).
+    partial = hardware.no_amx_cmake_args(SAPPHIRE_RAPIDS - {"avx512bw"}).split()
+    assert "-DGGML_AVX512=OFF" in partial and "-DGGML_AVX2=ON" in partial
+    assert "-DGGML_CUDA=on" in hardware.no_amx_cmake_args(SAPPHIRE_RAPIDS, ("CPU", "CUDA")).split()
+    cmd = hardware.no_amx_reinstall(SAPPHIRE_RAPIDS)
+    assert cmd.startswith('CMAKE_ARGS="-DGGML_NATIVE=OFF ') and cmd.endswith(
+        f'" pip install --force-reinstall --no-cache-dir llama-cpp-python=={constants.LLAMA_CPP_PYTHON_VERSION}')
+
+
+def test_doctor_prints_the_no_amx_rebuild_when_the_probe_failed(monkeypatch, tmp_path):
+    """A real failing probe child for this build (it dies by SIGSEGV, as the AMX kernel does)
+    makes doctor print the verdict, the build key and the exact rebuild command."""
+    import sys
+
+    from qwq_local.backend import binding as backend
+
+    monkeypatch.setenv(constants.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(constants.ENV_AMX, raising=False)
+    monkeypatch.setitem(backend._STATE, "extra_bufts", None)
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    assert backend.extra_bufts_allowed(command=crash) is False  # stored under this build's key
+    res = CliRunner().invoke(app, ["doctor", "--json"])
+    amx = json.loads(res.output)["amx"]
+    assert amx["extra_buffer_types"] is False and amx["probe_ok"] is False and "SIGSEGV" in amx["probe_reason"]
+    from qwq_local.backend.probe import cpu_flags
+
+    expected = hardware.no_amx_reinstall(cpu_flags(), hardware.build().backends)
+    assert amx["reinstall_without_amx"] == expected
+    table = CliRunner().invoke(app, ["doctor"]).output
+    assert f"probe key {backend.build_key()}:" in table
+    assert "    " + expected in table.splitlines()
+
+
+def test_doctor_prints_no_rebuild_when_the_probe_passed(monkeypatch, tmp_path):
+    import sys
+
+    from qwq_local.backend import binding as backend
+
+    monkeypatch.setenv(constants.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(constants.ENV_AMX, raising=False)
+    monkeypatch.setitem(backend._STATE, "extra_bufts", None)
+    assert backend.extra_bufts_allowed(command=[sys.executable, "-c", "print('probe-ok')"]) is True
+    amx = json.loads(CliRunner().invoke(app, ["doctor", "--json"]).output)["amx"]
+    assert amx["probe_ok"] is True and amx["reinstall_without_amx"] is None
+    assert "GGML_NATIVE=OFF" not in CliRunner().invoke(app, ["doctor"]).output

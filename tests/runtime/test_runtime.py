@@ -43,32 +43,60 @@ def pieces(model, tokens):
 
 # --- context and rope ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("n_ctx,scaling,factor", [
-    (8192, "none", 1.0), (32768, "none", 1.0), (32769, "yarn", 32769 / 32768),
-    (65536, "yarn", 2.0), (98304, "yarn", 3.0), (131072, "yarn", 4.0)])
-def test_rope_rule(n_ctx, scaling, factor):
+@pytest.mark.parametrize("n_ctx,scaling", [
+    (1, "none"), (4096, "none"), (8192, "none"), (8193, "yarn"), (16384, "yarn"), (32768, "yarn"),
+    (32769, "yarn"), (65536, "yarn"), (131072, "yarn")])
+def test_rope_rule_follows_the_model_card(n_ctx, scaling):
+    """The card: no scaling up to 8192 tokens; above, static YaRN with factor 4 over 32768,
+    the same factor whatever the context (static, not dynamic)."""
     rope = rope_params(n_ctx)
-    assert rope["scaling"] == scaling
-    assert rope["factor"] == pytest.approx(factor)
-    assert rope["freq_scale"] == pytest.approx(1 / factor)
-    assert rope["orig_ctx"] == constants.NATIVE_CONTEXT
+    assert rope["scaling"] == scaling and rope["choice"] == "auto"
+    if scaling == "none":
+        assert (rope["factor"], rope["freq_scale"], rope["orig_ctx"]) == (1.0, 1.0, None)
+    else:
+        assert (rope["factor"], rope["freq_scale"], rope["orig_ctx"]) == (4.0, 0.25, 32768)
 
 
-@pytest.mark.parametrize("n_ctx", [0, constants.MAX_CONTEXT + 1])
-def test_rope_rule_rejects_out_of_range(n_ctx):
+@pytest.mark.parametrize("choice,n_ctx,scaling", [
+    ("none", 65536, "none"), ("NONE", 131072, "none"), ("yarn", 512, "yarn"), ("yarn", 8192, "yarn"),
+    ("auto", 8192, "none"), ("Auto", 8193, "yarn")])
+def test_rope_choice_overrides_the_rule(choice, n_ctx, scaling):
+    rope = rope_params(n_ctx, choice)
+    assert rope["scaling"] == scaling and rope["choice"] == choice.lower()
+    assert rope["freq_scale"] == (0.25 if scaling == "yarn" else 1.0)
+
+
+@pytest.mark.parametrize("n_ctx,choice", [(0, "auto"), (constants.MAX_CONTEXT + 1, "auto"), (8192, "dynamic"),
+                                          (8192, "")])
+def test_rope_rule_rejects_bad_input(n_ctx, choice):
     with pytest.raises(UsageError):
-        rope_params(n_ctx)
+        rope_params(n_ctx, choice)
 
 
-@pytest.mark.parametrize("n_ctx,freq_scale", [(8192, "1"), (32768, "1"), (65536, "0.5"), (131072, "0.25")])
-def test_llama_cpp_applies_the_chosen_rope(tiny_gguf, n_ctx, freq_scale):
+def rope_log(text: str) -> tuple[list[str], list[str]]:
+    """What llama.cpp says it applied: `llama_context: freq_scale = ...` and, for YaRN with a
+    custom scale, `n_ctx_train adjusted to N` where N = yarn_orig_ctx / freq_scale
+    (llama-context.cpp), so 131072 witnesses both the 0.25 scale and the 32768 original."""
+    return (re.findall(r"llama_context: freq_scale\s+=\s+(\S+)", text),
+            re.findall(r"n_ctx_train adjusted to (\d+)", text))
+
+
+@pytest.mark.parametrize("n_ctx,choice,freq_scale,yarn", [
+    (8192, "auto", "1", False), (8448, "auto", "0.25", True), (16384, "auto", "0.25", True),
+    (65536, "auto", "0.25", True), (131072, "auto", "0.25", True),
+    (16384, "none", "1", False), (2048, "yarn", "0.25", True)])
+def test_llama_cpp_applies_the_chosen_rope(tiny_gguf, n_ctx, choice, freq_scale, yarn):
     with backend.capture_log() as log:
-        m = QwQ.load(tiny_gguf, n_ctx=n_ctx, gpu_layers=0, kv_type="q8_0")
+        m = QwQ.load(tiny_gguf, n_ctx=n_ctx, gpu_layers=0, kv_type="q8_0", rope_scaling=choice)
     try:
         assert m.n_ctx == n_ctx
-        assert m.rope == rope_params(n_ctx)
-        found = re.findall(r"llama_context: freq_scale\s+=\s+(\S+)", "".join(log))
-        assert found == [freq_scale]
+        assert m.rope == rope_params(n_ctx, choice)
+        params = m._ctx.params  # the llama_context_params the context was created with
+        if yarn:
+            assert (params.rope_scaling_type, params.rope_freq_scale, params.yarn_orig_ctx) == (2, 0.25, 32768)
+        else:
+            assert params.rope_scaling_type == 0
+        assert rope_log("".join(log)) == ([freq_scale], ["131072"] if yarn else [])
     finally:
         m.close()
 
@@ -507,9 +535,9 @@ def test_decode_loop_overhead_over_bare_llama_cpp_is_small(tiny_gguf_q4km):
     assert best_ours - best_bare < 0.3e-3, rounds
 
 
-def test_rope_scaling_in_the_gguf_is_ignored_within_the_native_window(tmp_path):
+def test_rope_scaling_in_the_gguf_is_ignored_up_to_8192(tmp_path):
     """Some GGUFs carry static YaRN in their metadata; QwQ's card says not to use it at or
-    below 32768 tokens, and the runtime overrides it (llama.cpp's own log is the witness)."""
+    below 8192 tokens, and the runtime overrides it (llama.cpp's own log is the witness)."""
     import gguf
     from gguf_craft import write_tiny_qwen2
 
@@ -530,4 +558,5 @@ def test_rope_scaling_in_the_gguf_is_ignored_within_the_native_window(tmp_path):
     finally:
         model.close()
     assert freq_scale(lambda: QwQ.load(path, n_ctx=8192, gpu_layers=0)) == ["1"]
-    assert freq_scale(lambda: QwQ.load(path, n_ctx=65536, gpu_layers=0)) == ["0.5"]
+    assert freq_scale(lambda: QwQ.load(path, n_ctx=16384, gpu_layers=0, rope_scaling="none")) == ["1"]
+    assert freq_scale(lambda: QwQ.load(path, n_ctx=65536, gpu_layers=0)) == ["0.25"]
