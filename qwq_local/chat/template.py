@@ -7,8 +7,10 @@ input preparation (None-valued keys dropped, values reduced to plain JSON types,
 fields aliased, the tokenizer's special tokens passed as variables) and the same tool handling
 (dict schemas as-is, Python functions converted by transformers' own `get_json_schema`).
 
-One deliberate difference: where transformers fails, an assistant message that carries
-tool_calls and `content: None` (what OpenAI clients send) is rendered as if its content were "".
+Deliberate differences, all on inputs in OpenAI's shapes (messages.py): an assistant message
+with tool_calls and `content: None` renders as if its content were "" (transformers fails);
+`arguments` given as a JSON string is decoded to the object QwQ was trained on (transformers
+writes an escaped string); content given as a list of text parts is joined (transformers fails).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jinja2
 
 from .. import constants
 from ..errors import TemplateError, UsageError
+from .messages import normalize_messages
 from .sandbox import TemplateLimitError, environment, render_limited
 
 ORIGINAL_TEMPLATE_PATH = constants.DATA_DIR / "chat_template.jinja"
@@ -244,60 +247,10 @@ def _function_schema(func: Any) -> dict:
         raise TemplateError(f"cannot make a JSON schema from tool {func.__name__!r}: {exc}") from None
 
 
-def prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Validate OpenAI-style messages and prepare them as transformers does."""
-    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise TemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
-    if not messages:
-        raise TemplateError("messages is empty: give at least one message")
-    chat = []
-    for index, message in enumerate(messages):
-        message = _as_mapping(message, index)
-        _validate(message, index)
-        # transformers drops None-valued keys: templates handle a missing key, not None.
-        message = {k: v for k, v in message.items() if v is not None}
-        if message.get("role") == "assistant" and message.get("tool_calls") and "content" not in message:
-            message["content"] = ""
-        chat.append(_alias_reasoning(_plain(message)))
-    return chat
-
-
-def _as_mapping(message: Any, index: int) -> Mapping[str, Any]:
-    if dataclasses.is_dataclass(message) and not isinstance(message, type):
-        message = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-    elif callable(getattr(message, "model_dump", None)):
-        message = message.model_dump()
-    if not isinstance(message, Mapping):
-        raise TemplateError(f"message {index} is a {type(message).__name__}, not a dict with 'role' and 'content'")
-    return message
-
-
-def _validate(message: Mapping[str, Any], index: int) -> None:
-    role = message.get("role")
-    if not isinstance(role, str) or not role:
-        raise TemplateError(f"message {index} has no 'role' (expected 'system', 'user', 'assistant' or 'tool')")
-    content = message.get("content")
-    tool_calls = message.get("tool_calls")
-    if content is None and not (role == "assistant" and tool_calls):
-        raise TemplateError(
-            f"message {index} ({role}) has no 'content'; only an assistant message with tool_calls may omit it"
-        )
-    if content is not None and not isinstance(content, (str, list, tuple)):
-        raise TemplateError(f"message {index} ({role}): 'content' must be text, not {type(content).__name__}")
-    if tool_calls is None:
-        return
-    if role != "assistant":
-        raise TemplateError(f"message {index} ({role}) has tool_calls; only assistant messages may")
-    if isinstance(tool_calls, (str, Mapping)) or not isinstance(tool_calls, Sequence):
-        raise TemplateError(f"message {index}: 'tool_calls' must be a list")
-    for n, call in enumerate(tool_calls):
-        function = call.get("function", call) if isinstance(call, Mapping) else None
-        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise TemplateError(
-                f"message {index}, tool call {n}: expected {{'function': {{'name': ..., 'arguments': ...}}}}"
-            )
-        if not isinstance(function.get("arguments", {}), (str, Mapping)):
-            raise TemplateError(f"message {index}, tool call {n}: 'arguments' must be a dict or a JSON string")
+def prepare_messages(messages: Sequence[Any]) -> list[dict]:
+    """Normalise OpenAI-shaped messages (see messages.py) and prepare them as transformers does:
+    plain JSON types, reasoning fields aliased. Raises UsageError naming the faulty message."""
+    return [_alias_reasoning(_plain(message)) for message in normalize_messages(messages)]
 
 
 def _alias_reasoning(message: dict) -> dict:
