@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +173,77 @@ def render_prompt(
     else:
         chat_template = ChatTemplate.from_string(template)
     return chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt_spans(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    specials: Sequence[str],
+    tools: Sequence[Any] | None = None,
+    add_generation_prompt: bool = True,
+    template: ChatTemplate | str | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt text (exactly `render_prompt`'s) and the (start, end) spans of the occurrences
+    of `specials` (control/tag token texts) in it that come from message text (contents, tool
+    results, tool-call arguments, names, tool schemas) rather than from the template itself.
+
+    How: every occurrence inside message text is rendered once more with a random marker in
+    front; the markers' positions in the output name those occurrences. A template that changes
+    message text in a way the markers disturb (so the marked output, markers removed, differs
+    from the plain one) raises TemplateError.
+    """
+    text = render_prompt(messages, tools=tools, add_generation_prompt=add_generation_prompt, template=template)
+    pattern = specials_pattern(tuple(specials))
+    chat = normalize_messages(messages)
+    schemas = tool_schemas(tools)
+    if pattern is None or not (_has_special((chat, schemas), pattern)):
+        return text, []
+    mark = "\ue000" + secrets.token_hex(8) + "\ue001"
+    marked = render_prompt([_mark(m, pattern, mark) for m in chat],
+                           tools=None if schemas is None else [_mark(t, pattern, mark) for t in schemas],
+                           add_generation_prompt=add_generation_prompt, template=template)
+    pieces = marked.split(mark)
+    positions, at = [], 0
+    for piece in pieces[:-1]:
+        at += len(piece)
+        positions.append(at)
+    if "".join(pieces) != text:
+        raise TemplateError("this chat template transforms message text in a way qwq-local cannot follow, so "
+                            "it cannot tell control-token text in messages from the template's own; use "
+                            "template='original', or special_in_content=True to read all of it as tokens")
+    spans = []
+    for start in positions:
+        found = pattern.match(text, start)
+        if found:
+            spans.append(found.span())
+    return text, spans
+
+
+@functools.lru_cache(maxsize=8)
+def specials_pattern(specials: tuple[str, ...]) -> "re.Pattern[str] | None":
+    """A regex finding `specials` as llama.cpp's tokenizer does (longest text first)."""
+    texts = sorted({s for s in specials if s}, key=len, reverse=True)
+    return re.compile("|".join(re.escape(s) for s in texts)) if texts else None
+
+
+def _has_special(value: Any, pattern: "re.Pattern[str]") -> bool:
+    if isinstance(value, str):
+        return pattern.search(value) is not None
+    if isinstance(value, Mapping):
+        return any(_has_special(v, pattern) for k, v in value.items() if k != "role")
+    if isinstance(value, (list, tuple)):
+        return any(_has_special(v, pattern) for v in value)
+    return False
+
+
+def _mark(value: Any, pattern: "re.Pattern[str]", mark: str) -> Any:
+    if isinstance(value, str):
+        return pattern.sub(lambda m: mark + m.group(0), value)
+    if isinstance(value, Mapping):
+        return {k: v if k == "role" else _mark(v, pattern, mark) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark(v, pattern, mark) for v in value]
+    return value
 
 
 # --- Template choice ----------------------------------------------------------------------
