@@ -203,3 +203,56 @@ def test_chat_reads_contents_as_plain_text_by_default(model):
     default = model.chat(messages, max_tokens=1)
     raw = model.chat(messages, max_tokens=1, special_in_content=True)
     assert default.usage["prompt_tokens"] > raw.usage["prompt_tokens"]
+
+
+def test_recorded_normalizer_is_applied_and_unknown_ones_refused(tmp_path):
+    import gguf
+    from gguf_craft import write_tiny_qwen2
+
+    from qwq_local.errors import UnsupportedModelError
+    from qwq_local.runtime.prompt import normalizer_of
+
+    assert normalizer_of(None, tokenizer_pre="qwen2", source="x") == "NFC"  # QwQ-family file from elsewhere
+    assert normalizer_of(None, tokenizer_pre="llama-bpe", source="x") == "none"
+    T = gguf.GGUFValueType
+    plain = write_tiny_qwen2(tmp_path / "none.gguf", extra={constants.GGUF_NORMALIZER_KEY: ("none", T.STRING)})
+    with QwQ.load(plain, n_ctx=128, gpu_layers=0) as m:
+        assert m.normalizer == "none"
+        assert m.tokenize("e\u0301") == m._model.tokenize("e\u0301", parse_special=False)
+    nfkc = write_tiny_qwen2(tmp_path / "nfkc.gguf", extra={constants.GGUF_NORMALIZER_KEY: ("NFKC", T.STRING)})
+    with pytest.raises(UnsupportedModelError, match="reproduces only NFC"):
+        QwQ.load(nfkc, n_ctx=128, gpu_layers=0)
+
+
+def _corpus():
+    import random
+
+    from chat.test_template import BARE_TOOL, CONVERSATIONS, WEATHER_TOOL, _random_conversation
+
+    cases = [(messages, tools) for messages in CONVERSATIONS.values()
+             for tools in (None, [WEATHER_TOOL, BARE_TOOL])]
+    rng = random.Random(1234)
+    cases += [_random_conversation(rng) for _ in range(300)]
+    return cases
+
+
+def test_plain_contents_tokenize_exactly_as_the_whole_prompt(model):
+    """The parity corpus of tests/chat/test_template.py: for every conversation whose message
+    text holds no special-token text, the piecewise ids equal llama.cpp's whole-prompt
+    tokenization (parse_special=True); for the others, the special ids come from the template only
+    and the ids still decode to the prompt."""
+    specials = set(model._encoder.specials)
+    plain = special = 0
+    for messages, tools in _corpus():
+        text, ids = model.encode_prompt(messages, tools=tools)
+        assert model.detokenize(ids) == unicodedata.normalize("NFC", text)
+        whole = model._model.tokenize(unicodedata.normalize("NFC", text), parse_special=True)
+        raw = model.encode_prompt(messages, tools=tools, special_in_content=True)[1]
+        assert raw == whole
+        if not any(s in json.dumps(messages, ensure_ascii=False) for s in specials):
+            assert ids == whole
+            plain += 1
+        else:
+            assert len(ids) >= len(whole)
+            special += 1
+    assert plain > 50 and special > 50, (plain, special)  # both kinds well covered
