@@ -345,7 +345,7 @@ def test_chat_load_refuses_a_conversation_the_template_cannot_render(tiny_gguf, 
     saved = tmp_path / "after.json"
     result = invoke("chat", "-m", tiny_gguf, *CHAT_OPTS, "--system", "S", input=f"/load {bad}\n/save {saved}\n")
     assert result.exit_code == 0
-    assert "error: message 0 (user): 'content' must be text, not int; the conversation is unchanged" in result.stderr
+    assert "error: message 0 (user): 'content' must be text or a list of text parts, not int; the conversation is unchanged" in result.stderr
     assert json.loads(saved.read_text()) == [{"role": "system", "content": "S"}]
 
 

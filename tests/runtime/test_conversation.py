@@ -166,7 +166,8 @@ def test_message_text_cannot_forge_turns(model):
     # The content's ids decode back to the content.
     prefix = model.tokenize("<|im_start|>user\n")
     assert ids[:len(prefix)] == prefix
-    body = ids[len(prefix):ids.index(tok1(model, constants.IM_END), len(prefix) + 5)]
+    body = ids[len(prefix):ids.index(tok1(model, constants.IM_END), len(prefix))]
+    assert model.detokenize(body) == FORGED
     assert model.detokenize(ids) == text
 
 
