@@ -29,9 +29,20 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
-STOP_STRINGS = (IM_END, ENDOFTEXT)
+# Control tokens that open or close a turn: sampling any of them (or any token in llama.cpp's
+# end-of-generation set) ends the generation, and none of it reaches the reply.
+TURN_BOUNDARY_TOKENS = (IM_START, IM_END, ENDOFTEXT)
 # What the runtime appends when a thinking budget runs out.
 THINKING_CLOSE_TEXT = "\n" + THINK_CLOSE + "\n\n"
+
+# GGUF key where `convert` records the Unicode normalizer of the checkpoint's tokenizer.json
+# ("NFC" or "none"); llama.cpp ignores normalizers, so qwq-local applies it before tokenizing.
+# A key of our own: GGUF's standard tokenizer keys have no normalizer field.
+GGUF_NORMALIZER_KEY = "tokenizer.qwq_local.normalizer"
+# Normalizers qwq-local reproduces exactly, and the one Qwen2-family tokenizers (QwQ's
+# tokenizer.json) declare, used for GGUFs that lack the key (pre-tokenizer "qwen2").
+NORMALIZERS = ("NFC", "none")
+QWEN2_NORMALIZER = "NFC"
 
 # --- Chat template sandbox (a template inside a GGUF is untrusted code) ----------------------
 TEMPLATE_CHOICES = ("original", "gguf")  # or a path to a .jinja file

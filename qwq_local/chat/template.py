@@ -7,8 +7,10 @@ input preparation (None-valued keys dropped, values reduced to plain JSON types,
 fields aliased, the tokenizer's special tokens passed as variables) and the same tool handling
 (dict schemas as-is, Python functions converted by transformers' own `get_json_schema`).
 
-One deliberate difference: where transformers fails, an assistant message that carries
-tool_calls and `content: None` (what OpenAI clients send) is rendered as if its content were "".
+Deliberate differences, all on inputs in OpenAI's shapes (messages.py): an assistant message
+with tool_calls and `content: None` renders as if its content were "" (transformers fails);
+`arguments` given as a JSON string is decoded to the object QwQ was trained on (transformers
+writes an escaped string); content given as a list of text parts is joined (transformers fails).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ import jinja2
 
 from .. import constants
 from ..errors import TemplateError, UsageError
+from .messages import normalize_messages
 from .sandbox import TemplateLimitError, environment, render_limited
 
 ORIGINAL_TEMPLATE_PATH = constants.DATA_DIR / "chat_template.jinja"
@@ -170,6 +175,77 @@ def render_prompt(
     return chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
 
+def render_prompt_spans(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    specials: Sequence[str],
+    tools: Sequence[Any] | None = None,
+    add_generation_prompt: bool = True,
+    template: ChatTemplate | str | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt text (exactly `render_prompt`'s) and the (start, end) spans of the occurrences
+    of `specials` (control/tag token texts) in it that come from message text (contents, tool
+    results, tool-call arguments, names, tool schemas) rather than from the template itself.
+
+    How: every occurrence inside message text is rendered once more with a random marker in
+    front; the markers' positions in the output name those occurrences. A template that changes
+    message text in a way the markers disturb (so the marked output, markers removed, differs
+    from the plain one) raises TemplateError.
+    """
+    text = render_prompt(messages, tools=tools, add_generation_prompt=add_generation_prompt, template=template)
+    pattern = specials_pattern(tuple(specials))
+    chat = normalize_messages(messages)
+    schemas = tool_schemas(tools)
+    if pattern is None or not (_has_special((chat, schemas), pattern)):
+        return text, []
+    mark = "\ue000" + secrets.token_hex(8) + "\ue001"
+    marked = render_prompt([_mark(m, pattern, mark) for m in chat],
+                           tools=None if schemas is None else [_mark(t, pattern, mark) for t in schemas],
+                           add_generation_prompt=add_generation_prompt, template=template)
+    pieces = marked.split(mark)
+    positions, at = [], 0
+    for piece in pieces[:-1]:
+        at += len(piece)
+        positions.append(at)
+    if "".join(pieces) != text:
+        raise TemplateError("this chat template transforms message text in a way qwq-local cannot follow, so "
+                            "it cannot tell control-token text in messages from the template's own; use "
+                            "template='original', or special_in_content=True to read all of it as tokens")
+    spans = []
+    for start in positions:
+        found = pattern.match(text, start)
+        if found:
+            spans.append(found.span())
+    return text, spans
+
+
+@functools.lru_cache(maxsize=8)
+def specials_pattern(specials: tuple[str, ...]) -> "re.Pattern[str] | None":
+    """A regex finding `specials` as llama.cpp's tokenizer does (longest text first)."""
+    texts = sorted({s for s in specials if s}, key=len, reverse=True)
+    return re.compile("|".join(re.escape(s) for s in texts)) if texts else None
+
+
+def _has_special(value: Any, pattern: "re.Pattern[str]") -> bool:
+    if isinstance(value, str):
+        return pattern.search(value) is not None
+    if isinstance(value, Mapping):
+        return any(_has_special(v, pattern) for k, v in value.items() if k != "role")
+    if isinstance(value, (list, tuple)):
+        return any(_has_special(v, pattern) for v in value)
+    return False
+
+
+def _mark(value: Any, pattern: "re.Pattern[str]", mark: str) -> Any:
+    if isinstance(value, str):
+        return pattern.sub(lambda m: mark + m.group(0), value)
+    if isinstance(value, Mapping):
+        return {k: v if k == "role" else _mark(v, pattern, mark) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark(v, pattern, mark) for v in value]
+    return value
+
+
 # --- Template choice ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -244,60 +320,10 @@ def _function_schema(func: Any) -> dict:
         raise TemplateError(f"cannot make a JSON schema from tool {func.__name__!r}: {exc}") from None
 
 
-def prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Validate OpenAI-style messages and prepare them as transformers does."""
-    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise TemplateError("messages must be a list of {'role': ..., 'content': ...} dicts")
-    if not messages:
-        raise TemplateError("messages is empty: give at least one message")
-    chat = []
-    for index, message in enumerate(messages):
-        message = _as_mapping(message, index)
-        _validate(message, index)
-        # transformers drops None-valued keys: templates handle a missing key, not None.
-        message = {k: v for k, v in message.items() if v is not None}
-        if message.get("role") == "assistant" and message.get("tool_calls") and "content" not in message:
-            message["content"] = ""
-        chat.append(_alias_reasoning(_plain(message)))
-    return chat
-
-
-def _as_mapping(message: Any, index: int) -> Mapping[str, Any]:
-    if dataclasses.is_dataclass(message) and not isinstance(message, type):
-        message = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-    elif callable(getattr(message, "model_dump", None)):
-        message = message.model_dump()
-    if not isinstance(message, Mapping):
-        raise TemplateError(f"message {index} is a {type(message).__name__}, not a dict with 'role' and 'content'")
-    return message
-
-
-def _validate(message: Mapping[str, Any], index: int) -> None:
-    role = message.get("role")
-    if not isinstance(role, str) or not role:
-        raise TemplateError(f"message {index} has no 'role' (expected 'system', 'user', 'assistant' or 'tool')")
-    content = message.get("content")
-    tool_calls = message.get("tool_calls")
-    if content is None and not (role == "assistant" and tool_calls):
-        raise TemplateError(
-            f"message {index} ({role}) has no 'content'; only an assistant message with tool_calls may omit it"
-        )
-    if content is not None and not isinstance(content, (str, list, tuple)):
-        raise TemplateError(f"message {index} ({role}): 'content' must be text, not {type(content).__name__}")
-    if tool_calls is None:
-        return
-    if role != "assistant":
-        raise TemplateError(f"message {index} ({role}) has tool_calls; only assistant messages may")
-    if isinstance(tool_calls, (str, Mapping)) or not isinstance(tool_calls, Sequence):
-        raise TemplateError(f"message {index}: 'tool_calls' must be a list")
-    for n, call in enumerate(tool_calls):
-        function = call.get("function", call) if isinstance(call, Mapping) else None
-        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise TemplateError(
-                f"message {index}, tool call {n}: expected {{'function': {{'name': ..., 'arguments': ...}}}}"
-            )
-        if not isinstance(function.get("arguments", {}), (str, Mapping)):
-            raise TemplateError(f"message {index}, tool call {n}: 'arguments' must be a dict or a JSON string")
+def prepare_messages(messages: Sequence[Any]) -> list[dict]:
+    """Normalise OpenAI-shaped messages (see messages.py) and prepare them as transformers does:
+    plain JSON types, reasoning fields aliased. Raises UsageError naming the faulty message."""
+    return [_alias_reasoning(_plain(message)) for message in normalize_messages(messages)]
 
 
 def _alias_reasoning(message: dict) -> dict:

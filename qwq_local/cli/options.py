@@ -75,3 +75,6 @@ SEED = typer.Option(None, "--seed", help="Sampling seed (default: random).")
 SYSTEM = typer.Option(None, "--system", help="System prompt.")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end tokens (until --max-tokens or "
                                                  "the context end), as llama.cpp's --ignore-eos.")
+SPECIAL_IN_CONTENT = typer.Option(False, "--special-in-content",
+                                  help="Read control/tag token text in messages (<|im_start|>, </think>) as tokens, "
+                                       "as raw llama.cpp does (default: plain text; only the template makes tokens).")

@@ -31,10 +31,10 @@ def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int],
 
 
 def sampling_options(*, max_tokens, thinking_budget, temperature, top_p, top_k, min_p, presence_penalty, seed,
-                      ignore_eos) -> dict:
+                      ignore_eos, special_in_content=False) -> dict:
     return {"max_tokens": max_tokens, "thinking_budget": thinking_budget, "temperature": temperature,
             "top_p": top_p, "top_k": top_k, "min_p": min_p, "presence_penalty": presence_penalty, "seed": seed,
-            "ignore_eos": ignore_eos}
+            "ignore_eos": ignore_eos, "special_in_content": special_in_content}
 
 
 @command("run")
@@ -58,6 +58,7 @@ def run_cmd(
     flash_attn: Optional[bool] = opts.FA,
     rope_scaling: str = opts.ROPE,
     ignore_eos: bool = opts.IGNORE_EOS,
+    special_in_content: bool = opts.SPECIAL_IN_CONTENT,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the thought."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (thinking, content, tool_calls, "
                                                       "finish_reason, usage, timings, model: n_ctx and rope)."),
@@ -77,7 +78,7 @@ def run_cmd(
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     options = sampling_options(max_tokens=max_tokens, thinking_budget=thinking_budget, temperature=temperature,
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
-                                ignore_eos=ignore_eos)
+                                ignore_eos=ignore_eos, special_in_content=special_in_content)
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
                      kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling) as llm:
         if as_json:
@@ -118,6 +119,7 @@ def chat_cmd(
     flash_attn: Optional[bool] = opts.FA,
     rope_scaling: str = opts.ROPE,
     ignore_eos: bool = opts.IGNORE_EOS,
+    special_in_content: bool = opts.SPECIAL_IN_CONTENT,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Start with the thought hidden (/think show)."),
 ) -> None:
     """Interactive chat with history (/help inside for commands; Ctrl-C stops an answer)."""
@@ -128,7 +130,7 @@ def chat_cmd(
             import readline  # noqa: F401  (line editing and history for input())
     options = sampling_options(max_tokens=max_tokens, thinking_budget=thinking_budget, temperature=temperature,
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
-                                ignore_eos=ignore_eos)
+                                ignore_eos=ignore_eos, special_in_content=special_in_content)
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
                      kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling) as llm:
         code = repl(llm, system=system, options=options, show_thinking=not hide_thinking)

@@ -447,3 +447,22 @@ def _looks_special(text: str) -> bool:
             or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
             or (text.startswith("<unused") and text.endswith(">")))
 
+
+
+def read_normalizer(checkpoint: Checkpoint) -> str:
+    """The Unicode normalizer the checkpoint's tokenizer.json declares, as qwq-local records it
+    (constants.NORMALIZERS): "NFC" (QwQ's), or "none" for no normalizer. Hugging Face applies
+    it to the text between added tokens before the BPE; llama.cpp applies none, so qwq-local
+    records it in the GGUF and applies it at run time. Any other normalizer (NFKC, lowercase,
+    replacements, ...) is refused: ids would silently differ from the reference tokenizer."""
+    path = checkpoint.tokenizer_json
+    spec = _read_json(path, what="tokenizer.json").get("normalizer")
+    steps = spec.get("normalizers") if isinstance(spec, dict) and spec.get("type") == "Sequence" else [spec]
+    kinds = [step.get("type") if isinstance(step, dict) else step for step in steps or [] if step is not None]
+    if not kinds:
+        return "none"
+    if kinds == ["NFC"]:
+        return "NFC"
+    raise UnsupportedModelError(
+        f"{path}: the tokenizer's normalizer is {' + '.join(map(str, kinds))}; qwq-local reproduces only NFC "
+        "(QwQ's) or none, so this model's tokens would differ from its reference tokenizer")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import constants, fileutil
-from .checkpoint import Checkpoint, open_checkpoint, read_vocab
+from .checkpoint import Checkpoint, open_checkpoint, read_normalizer, read_vocab
 from .tensors import pad as _pad
 from .tensors import PlannedTensor, write_all_data
 from ..errors import CheckpointError, DiskSpaceError, HubError, ModelNotFoundError, QwQLocalError, UsageError
@@ -262,6 +262,8 @@ def _add_metadata(writer, ckpt: Checkpoint, plans: list[PlannedTensor], outtype:
     tokens, types = read_vocab(ckpt)
     writer.add_tokenizer_model(constants.GGUF_TOKENIZER_MODEL)
     writer.add_tokenizer_pre(constants.GGUF_TOKENIZER_PRE)
+    # llama.cpp skips tokenizer.json normalizers; the runtime applies the recorded one.
+    writer.add_string(constants.GGUF_NORMALIZER_KEY, read_normalizer(ckpt))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     del tokens, types
@@ -332,6 +334,7 @@ def convert(src: str | os.PathLike | None, output: str | os.PathLike, *, outtype
     fileutil.check_output_dir(output)  # before a download that can take hours
     directory, repo = _resolve_source(src, repo_id=repo_id, revision=revision)
     ckpt = open_checkpoint(directory)
+    read_normalizer(ckpt)  # an unsupported tokenizer normalizer is refused before any work
     fileutil.refuse_same_file(output, *ckpt.files)
     plans = plan_tensors(ckpt, outtype)
     data_bytes = sum(_pad(p.nbytes) for p in plans)

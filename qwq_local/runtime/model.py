@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from ..backend import binding as backend
 from .. import constants
 from .decode import Cancel, Event, LoopState, Reply, Sampling, build_sampler, rope_params, run_loop
+from .prompt import PromptEncoder, normalizer_of
 from ..errors import ContextOverflowError, UsageError
 from ..gguf.safe_load import load_model
 
@@ -60,7 +61,7 @@ class QwQ:
     """A loaded QwQ model with one context. Not thread-safe: one generation at a time."""
 
     def __init__(self, model: backend.Model, ctx: backend.Context, *, template, rope: dict,
-                 seed: int | None, kv_type: str, n_ctx: int) -> None:
+                 seed: int | None, kv_type: str, n_ctx: int, normalizer: str = constants.QWEN2_NORMALIZER) -> None:
         self._model = model
         self._ctx = ctx
         self.template = template
@@ -76,8 +77,10 @@ class QwQ:
         self._busy = False
         self.placement = f"{model.n_gpu_layers} GPU layers"
         lib = backend.llama()
-        self._stop_ids = frozenset(t for s in constants.STOP_STRINGS for t in self._single_token(s))
-        self._close_tokens = model.tokenize(constants.THINKING_CLOSE_TEXT, parse_special=True)
+        self._encoder = PromptEncoder(model, normalizer=normalizer)
+        self.normalizer = normalizer
+        self._stop_ids = frozenset(t for s in constants.TURN_BOUNDARY_TOKENS for t in self._single_token(s))
+        self._close_tokens = self.tokenize(constants.THINKING_CLOSE_TEXT)
         self._lib = lib
 
     # --- loading ------------------------------------------------------------------------------
@@ -119,6 +122,8 @@ class QwQ:
         llm = load_model(path, n_gpu_layers=layers)
         try:
             selection = select_template(template, gguf_template=llm.meta("tokenizer.chat_template"))
+            normalizer = normalizer_of(llm.meta(constants.GGUF_NORMALIZER_KEY),
+                                       tokenizer_pre=llm.meta("tokenizer.ggml.pre"), source=path.name)
             if selection.warning:
                 st = path.stat()
                 key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -130,7 +135,8 @@ class QwQ:
         except BaseException:
             llm.close()
             raise
-        qwq = cls(llm, ctx, template=selection.template, rope=rope, seed=seed, kv_type=kv_type, n_ctx=int(n_ctx))
+        qwq = cls(llm, ctx, template=selection.template, rope=rope, seed=seed, kv_type=kv_type, n_ctx=int(n_ctx),
+                  normalizer=normalizer)
         qwq.placement = placement
         return qwq
 
@@ -169,8 +175,37 @@ class QwQ:
                              template=self.template)
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of text; special tokens written out (`<|im_start|>`) become their ids."""
-        return self._model.tokenize(text, parse_special=True)
+        """Token ids of raw text, normalized as the checkpoint's tokenizer does (NFC for QwQ);
+        special tokens written out (`<|im_start|>`, `</think>`) become their ids."""
+        self._check_open()
+        return self._encoder.encode(text)
+
+    def _check_open(self) -> None:
+        if self._ctx is None:
+            raise UsageError("this model was closed; load it again")
+
+    def encode_prompt(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Any] | None = None,
+                      add_generation_prompt: bool = True, special_in_content: bool = False) -> tuple[str, list[int]]:
+        """(prompt text, token ids) for `messages` with this model's template.
+
+        By default control and tag tokens (`<|im_start|>`, `</think>`, `<tool_call>`, ...) come only
+        from the template's own text: the same texts inside message contents, tool results,
+        tool-call arguments and tool schemas are read as plain text (their ids never appear; the
+        ids decode back to the text), so a message cannot forge turns or close the thought.
+        For text without such strings the ids equal tokenizing the whole prompt.
+        special_in_content=True tokenizes the whole prompt with every special text as a token
+        (llama.cpp's raw behaviour). Text is normalized first (see runtime/prompt.py).
+        Raises UsageError for malformed messages, TemplateError for template failures.
+        """
+        from ..chat.template import render_prompt_spans
+
+        self._check_open()
+        if special_in_content:
+            text = self.render_prompt(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+            return text, self._encoder.encode(text)
+        text, spans = render_prompt_spans(messages, specials=tuple(self._encoder.specials), tools=tools,
+                                          add_generation_prompt=add_generation_prompt, template=self.template)
+        return text, self._encoder.encode(text, protected=spans)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(tokens)
@@ -189,11 +224,12 @@ class QwQ:
     # --- generation ---------------------------------------------------------------------------
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Any] | None = None,
-             max_tokens: int | None = None, thinking_budget: int | None = None, **sampling: Any) -> Reply:
-        """Generate the assistant's next turn; see `stream` for the sampling options."""
+             max_tokens: int | None = None, thinking_budget: int | None = None, special_in_content: bool = False,
+             **sampling: Any) -> Reply:
+        """Generate the assistant's next turn; see `stream` for the options."""
         reply = None
         for event in self.stream(messages, tools=tools, max_tokens=max_tokens, thinking_budget=thinking_budget,
-                                 **sampling):
+                                 special_in_content=special_in_content, **sampling):
             if event.kind == "done":
                 reply = event.reply
         assert reply is not None
@@ -206,36 +242,43 @@ class QwQ:
                presence_penalty: float = constants.DEFAULT_PRESENCE_PENALTY, seed: int | None = None,
                stop: Sequence[str] | str | None = None, grammar: str | None = None,
                logit_bias: Mapping[int, float] | None = None, ignore_eos: bool = False,
-               cancel: Cancel | None = None) -> Iterator[Event]:
+               cancel: Cancel | None = None, special_in_content: bool = False) -> Iterator[Event]:
         """Yield Event("thinking", text) and Event("content", text) as tokens arrive, then
         Event("done", reply=Reply).
 
+        Generation starts in the thought only when the rendered prompt ends inside an open
+        `<think>` (QwQ's template); otherwise it starts in the answer and enters a thought only if
+        the model opens `<think>` itself (chat.reasoning.starts_in_thought).
         max_tokens caps generated tokens (thought included; None: until the context is full);
-        thinking_budget caps thinking tokens, after which the thought is closed for the model
-        (`\\n</think>\\n\\n` is appended) and it answers. stop strings end the answer (they are
+        thinking_budget caps thinking tokens, counted only while in a thought, after which the
+        thought is closed for the model (`\\n</think>\\n\\n` is appended) and it answers.
+        Every control token that opens or closes a turn (constants.TURN_BOUNDARY_TOKENS and
+        llama.cpp's end-of-generation set) ends generation; none of it reaches the text. stop strings end the answer (they are
         not looked for inside the thought). grammar (GBNF) and logit_bias constrain sampling.
         ignore_eos bans the end tokens (as llama.cpp's --ignore-eos: generation runs to
         max_tokens or the context end). cancel: a `Cancel` (or threading.Event) whose set() stops
         after the current token, or the current batch while the prompt is read (finish_reason
-        "interrupted"; the KV cache keeps what was read).
+        "interrupted"; the KV cache keeps what was read). special_in_content: see `encode_prompt`.
+        Tool calls (chat.reasoning) come back in the reply with finish_reason "tool_calls"
+        (except "interrupted").
         """
-        prompt = self.render_prompt(messages, tools=tools)
+        prompt, tokens = self.encode_prompt(messages, tools=tools, special_in_content=special_in_content)
         if ignore_eos:
             logit_bias = {**self.eog_bias(), **(logit_bias or {})}
         yield from self.stream_prompt(
-            prompt, max_tokens=max_tokens, thinking_budget=thinking_budget, stop=stop, cancel=cancel,
+            prompt, tokens=tokens, max_tokens=max_tokens, thinking_budget=thinking_budget, stop=stop, cancel=cancel,
             sampling=Sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               presence_penalty=presence_penalty, seed=self.seed if seed is None else seed,
                               grammar=grammar, logit_bias=logit_bias))
 
-    def stream_prompt(self, prompt: str, *, sampling: Sampling = Sampling(), max_tokens: int | None = None,
-                      thinking_budget: int | None = None, stop: Sequence[str] | str | None = None,
-                      cancel: Cancel | None = None) -> Iterator[Event]:
-        """`stream` for an already rendered prompt (which must end inside `<think>\\n`)."""
-        from ..chat.reasoning import ThinkingSplitter, parse_tool_calls
+    def stream_prompt(self, prompt: str, *, tokens: Sequence[int] | None = None, sampling: Sampling = Sampling(),
+                      max_tokens: int | None = None, thinking_budget: int | None = None,
+                      stop: Sequence[str] | str | None = None, cancel: Cancel | None = None) -> Iterator[Event]:
+        """`stream` for an already rendered prompt. `tokens`: its ids from `encode_prompt`; None
+        tokenizes `prompt` whole, every special text as a token (`tokenize`)."""
+        from ..chat.reasoning import ThinkingSplitter, starts_in_thought, turn_tool_calls
 
-        if self._ctx is None:
-            raise UsageError("this model was closed; load it again")
+        self._check_open()
         if max_tokens is not None and max_tokens < 1:
             raise UsageError(f"max_tokens must be >= 1, not {max_tokens}")
         if thinking_budget is not None and thinking_budget < 0:
@@ -243,7 +286,7 @@ class QwQ:
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or ()) if s]
         lib = self._lib
         ctx = self._ctx
-        tokens = self.tokenize(prompt)
+        tokens = self.tokenize(prompt) if tokens is None else [int(t) for t in tokens]
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
                 f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
@@ -254,7 +297,7 @@ class QwQ:
         chain = build_sampler(lib, self._model, sampling, penalty_window=self.n_ctx)
         self._busy = True
         state = LoopState()
-        splitter = ThinkingSplitter()
+        splitter = ThinkingSplitter(in_thought=starts_in_thought(prompt))
         thinking_parts: list[str] = []
         content_parts: list[str] = []
         t0 = time.perf_counter()
@@ -263,7 +306,9 @@ class QwQ:
             prompt_s = time.perf_counter() - t0
             # A prefill stopped by `cancel` leaves it set: the loop below ends before sampling.
             no_room = False
-            if thinking_budget == 0 and complete:
+            budget = thinking_budget
+            if thinking_budget == 0 and complete and splitter.in_thinking:
+                budget = None
                 # No thought at all: close it before the first sampled token, if it fits.
                 no_room = ctx.n_past + len(self._close_tokens) >= self.n_ctx
                 if no_room:
@@ -272,7 +317,7 @@ class QwQ:
                     yield from self._inject_close(ctx, chain, splitter, sampling, state, thinking_parts)
             loop = ((kind, text) for kind, text in ()) if no_room else (
                     run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
-                             thinking_budget=thinking_budget or None, close_tokens=self._close_tokens,
+                             thinking_budget=budget, close_tokens=self._close_tokens,
                              close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
                              accept_injected=not sampling.grammar))
             hold = max((len(s) for s in stops), default=1) - 1
@@ -315,10 +360,10 @@ class QwQ:
             else:
                 self._cached = []
                 ctx.truncate(0)
-        thinking = "".join(thinking_parts)
-        content, calls = parse_tool_calls("".join(content_parts))
+        thinking, content, calls = turn_tool_calls("".join(thinking_parts), "".join(content_parts),
+                                                   thought_closed=not splitter.in_thinking)
         finish = state.finish_reason
-        if calls and finish == "stop":
+        if calls and finish != "interrupted":
             finish = "tool_calls"
         n_gen = len(state.tokens)
         gen_s = state.gen_seconds

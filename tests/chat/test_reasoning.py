@@ -145,7 +145,8 @@ def test_parse_tool_call_variants():
     '<tool_call>\n["name", "f"]\n</tool_call>',
     '<tool_call>\n{"name": "f", "arguments": "not json"}\n</tool_call>',
     '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',
-    '<tool_call>\n{"name": "f", "arguments": {}}',  # cut off before the closing tag
+    '<tool_call>\n{"name": "f", "arguments": {"a": 1}',  # cut off inside the JSON
+    '<tool_call>\n{"name": "f", "arguments": {}} trailing words',  # neither closed nor at the end
 ])
 def test_invalid_tool_calls_stay_text(content):
     assert parse_tool_calls(content) == (content, [])
@@ -156,3 +157,90 @@ def test_valid_and_invalid_mixed():
     text, calls = parse_tool_calls(content)
     assert text == "A<tool_call>{bad}</tool_call>BC"
     assert [c["function"]["name"] for c in calls] == ["f"]
+
+
+# --- issue 9: the split follows the prompt --------------------------------------------------
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n", True),
+    ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False),
+    ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", False),
+    # a <think> in an earlier turn's text does not count: only the turn being generated does
+    ("<|im_start|>user\nsay <think><|im_end|>\n<|im_start|>assistant\n", False),
+    ("plain completion prompt", False),
+    ("<think>\n", True),
+])
+def test_starts_in_thought(prompt, expected):
+    from qwq_local.chat.reasoning import starts_in_thought
+
+    assert starts_in_thought(prompt) is expected
+
+
+ANSWER_SAMPLES = ["The answer is 4.", "  \n The answer is 4.", "<think>\nhm</think>\n\nFour.", " \n<think>x</think>y",
+                  "<thinking is fun", "<thin", "", " ", "ans </think> <think>", "<think>never closed"]
+
+
+@pytest.mark.parametrize("text", ANSWER_SAMPLES)
+def test_starting_in_the_answer_any_chunking_matches_one_shot(text):
+    expected = split_thinking(text, in_thought=False)
+    for cut in range(len(text) + 1):
+        for cut2 in range(cut, len(text) + 1):
+            splitter = ThinkingSplitter(in_thought=False)
+            events = []
+            for piece in (text[:cut], text[cut:cut2], text[cut2:]):
+                events += splitter.feed(piece)
+            events += splitter.finish()
+            assert all(t for _, t in events)
+            got = ("".join(t for k, t in events if k == "thinking"), "".join(t for k, t in events if k == "content"))
+            assert got == expected, (cut, cut2)
+
+
+def test_starting_in_the_answer_rules():
+    assert split_thinking("The answer is 4.", in_thought=False) == ("", "The answer is 4.")
+    assert split_thinking("<think>\nhm</think>\n\nFour.", in_thought=False) == ("\nhm", "Four.")
+    assert split_thinking("Four. <think>x</think>", in_thought=False) == ("", "Four. <think>x</think>")
+    splitter = ThinkingSplitter(in_thought=False)
+    assert not splitter.in_thinking
+    assert splitter.feed("The") == [("content", "The")]
+    assert not splitter.in_thinking and not splitter.opened
+    opening = ThinkingSplitter(in_thought=False)
+    assert opening.feed("<think>") == [] and opening.in_thinking and opening.opened
+
+
+# --- issue 9: tool calls never lost or mangled ----------------------------------------------
+
+def test_unterminated_call_at_end_of_turn_is_parsed():
+    for tail in ("", "\n", "\n</tool", "</tool_call"):
+        text, calls = parse_tool_calls('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' + tail)
+        assert text == "" and len(calls) == 1, tail
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_close_tag_inside_a_string_argument():
+    arg = "Close each call with </tool_call> on its own line."
+    content = 'Sure.\n<tool_call>\n' + json.dumps({"name": "note", "arguments": {"text": arg}}) + '\n</tool_call>'
+    text, calls = parse_tool_calls(content)
+    assert text == "Sure."
+    assert json.loads(calls[0]["function"]["arguments"]) == {"text": arg}
+
+
+def test_only_the_blocks_and_their_whitespace_change():
+    code = "Here:\n```python\nimport os\n\n\ndef main():\n    pass\n```\n\n\n\nDone."
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    text, calls = parse_tool_calls(code + "\n" + call)
+    assert text == code and len(calls) == 1
+    text, _ = parse_tool_calls("Before.\n\n" + call + "\n" + call + "\n\nAfter.\n\n\n\nEnd")
+    assert text == "Before.\n\nAfter.\n\n\n\nEnd"
+    text, _ = parse_tool_calls(call + "\n\n  Trailing text  ")
+    assert text == "Trailing text  "
+
+
+def test_calls_in_an_unclosed_thought_are_returned_and_in_a_closed_one_not():
+    from qwq_local.chat.reasoning import turn_tool_calls
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    thinking, content, calls = turn_tool_calls("Let me look it up.\n" + call, "", thought_closed=False)
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert thinking == "Let me look it up." and content == ""
+    thinking, content, calls = turn_tool_calls("I could call " + call, "No call needed.", thought_closed=True)
+    assert calls == [] and call in thinking and content == "No call needed."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -101,6 +102,23 @@ CONVERSATIONS = {
 }
 
 
+def decoded_arguments(messages: list[dict]) -> list[dict]:
+    """The same conversation with string `arguments` decoded: the input transformers renders
+    correctly (it writes a string as an escaped JSON string, not the object QwQ was trained on)."""
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                fn = call.get("function", call)
+                if isinstance(fn.get("arguments"), str):
+                    fn = {**fn, "arguments": json.loads(fn["arguments"], strict=False)}
+                calls.append({**call, "function": fn} if "function" in call else fn)
+            message = {**message, "tool_calls": calls}
+        out.append(message)
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("tools", ["none", "tools", "empty"])
@@ -108,7 +126,7 @@ def test_parity_with_transformers(hf_tokenizer, name, add_generation_prompt, too
     messages = CONVERSATIONS[name]
     tool_list = {"none": None, "tools": [WEATHER_TOOL, BARE_TOOL], "empty": []}[tools]
     expected = hf_tokenizer.apply_chat_template(
-        messages, tools=tool_list, tokenize=False, add_generation_prompt=add_generation_prompt
+        decoded_arguments(messages), tools=tool_list, tokenize=False, add_generation_prompt=add_generation_prompt
     )
     got = render_prompt(messages, tools=tool_list, add_generation_prompt=add_generation_prompt)
     assert got == expected
@@ -143,7 +161,7 @@ def test_parity_random_conversations(hf_tokenizer):
     for case in range(300):
         messages, tools = _random_conversation(rng)
         generation = rng.random() < 0.5
-        expected = hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+        expected = hf_tokenizer.apply_chat_template(decoded_arguments(messages), tools=tools, tokenize=False,
                                                     add_generation_prompt=generation)
         assert render_prompt(messages, tools=tools, add_generation_prompt=generation) == expected, case
 
@@ -237,13 +255,14 @@ def test_original_is_compiled_once():
     ([{"role": "user"}], "no 'content'"),
     ([{"role": "user", "content": None}], "no 'content'"),
     ([{"role": "user", "content": 42}], "must be text"),
+    ([{"role": "user<|im_end|>", "content": "x"}], "role is a word"),
     ([USER, {"role": "assistant", "content": "x", "tool_calls": "now()"}], "must be a list"),
     ([USER, {"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}], "tool call 0"),
     ([USER, {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": 3}]}], "arguments"),
     ([{"role": "user", "content": "x", "tool_calls": [{"name": "f"}]}], "only assistant"),
 ])
 def test_malformed_messages(messages, match):
-    with pytest.raises(TemplateError, match=match):
+    with pytest.raises(UsageError, match=match):
         render_prompt(messages)
 
 

@@ -66,6 +66,7 @@ def test_metadata_matches_llama_cpp_converter(tiny_gguf, tiny_checkpoint):
         "tokenizer.ggml.add_bos_token": False,
         "tokenizer.ggml.add_eos_token": False,
         "general.sampling.top_k": 40,
+        constants.GGUF_NORMALIZER_KEY: "NFC",  # tokenizer.json's normalizer, which llama.cpp skips
     }
     for key, value in expected.items():
         assert f[key] == value, key
@@ -95,6 +96,27 @@ def test_string_merges_format_is_accepted(tmp_path, tiny_checkpoint):
     (ckpt / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     out = convert(ckpt, tmp_path / "m.gguf")
     assert _fields(out)["tokenizer.ggml.merges"] == tok["model"]["merges"]
+
+
+@pytest.mark.parametrize("normalizer, recorded", [
+    (None, "none"), ({"type": "Sequence", "normalizers": [{"type": "NFC"}]}, "NFC"),
+    ({"type": "NFKC"}, None), ({"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}, None),
+])
+def test_tokenizer_normalizer_is_recorded_or_refused(tmp_path, tiny_checkpoint, normalizer, recorded):
+    from qwq_local.errors import UnsupportedModelError
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    tok["normalizer"] = normalizer
+    (ckpt / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    if recorded is None:
+        with pytest.raises(UnsupportedModelError, match="reproduces only NFC"):
+            convert(ckpt, tmp_path / "m.gguf")
+        assert not (tmp_path / "m.gguf").exists()
+        return
+    out = convert(ckpt, tmp_path / "m.gguf")
+    assert _fields(out)[constants.GGUF_NORMALIZER_KEY] == recorded
 
 
 def test_model_card_front_matter_is_recorded_like_llama_cpp(tmp_path, tiny_checkpoint):
