@@ -156,7 +156,8 @@ def _dev_memory(dev) -> tuple[int, int]:
 
 
 def local_devices() -> list[dict]:
-    """This machine's ggml devices: [{"name", "description", "type", "free", "total"}] (bytes)."""
+    """This machine's ggml devices: [{"name", "description", "type", "free", "total", "ptr"}]
+    (bytes; ptr: the ggml_backend_dev_t)."""
     lib = ggml()
     out = []
     for i in range(lib.ggml_backend_dev_count()):
@@ -164,7 +165,7 @@ def local_devices() -> list[dict]:
         free, total = _dev_memory(dev)
         out.append({"name": lib.ggml_backend_dev_name(dev).decode(), "type": DEV_TYPE_NAMES.get(lib.ggml_backend_dev_type(dev), "?"),
                     "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
-                    "free": free, "total": total})
+                    "free": free, "total": total, "ptr": dev})
     return out
 
 

@@ -256,8 +256,18 @@ def report(*, probe: bool = True) -> dict:
         "ram": asdict(r),
         "gpus": [asdict(g) for g in found],
         "amx": amx_status(probe=probe),
+        "rpc": rpc_status(),
         "recommendation": rec,
     }
+
+
+def rpc_status() -> dict:
+    """Whether this llama.cpp build has the RPC backend (`--rpc`, `worker`), and the command
+    that rebuilds it with RPC when it does not."""
+    from ..backend.rpc import has_rpc
+
+    ok = has_rpc()
+    return {"available": ok, "fix": None if ok else constants.RPC_INSTALL_FIX}
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

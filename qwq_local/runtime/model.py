@@ -87,13 +87,14 @@ class QwQ:
              gpu_layers: int | str = "auto", kv_type: str = "f16", flash_attn: bool | None = None,
              threads: int | None = None, seed: int | None = None,
              template: str | Path = constants.DEFAULT_TEMPLATE_CHOICE,
-             n_batch: int = constants.DEFAULT_N_BATCH) -> "QwQ":
+             n_batch: int = constants.DEFAULT_N_BATCH, rpc: str | Sequence[str] | None = None) -> "QwQ":
         """Load a GGUF (a path, or a cached name such as `qwq:q4_k_m`) with one context.
 
         n_ctx above 32768 turns on static YaRN (see `rope_params`); kv_type q8_0/q4_0 quantize
         the KV cache (needs flash attention, turned on by llama.cpp's auto setting);
         template is "original" (QwQ's released template, the default), "gguf" (the file's own)
-        or a path to a .jinja file.
+        or a path to a .jinja file; rpc: llama.cpp RPC workers ("HOST:PORT", a list or a
+        comma-separated string) to offload layers to, placed by plan.devices (docs/rpc.md).
         """
         from ..chat.template import select_template
 
@@ -106,14 +107,22 @@ class QwQ:
             raise UsageError(f"threads must be >= 1, not {threads}")
         rope_params(n_ctx)  # range check before any work
         path = _resolve(model)
-        layers, fitted_ctx, placement = _gpu_layers(gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type,
-                                                    flash_attn=flash_attn, n_batch=n_batch)
+        workers: dict[str, Any] = {}
+        if rpc:
+            from ..plan.devices import load_options_for_workers
+
+            layers, placement, workers = load_options_for_workers(path, rpc, n_ctx=int(n_ctx), kv_type=kv_type,
+                                                                  flash_attn=flash_attn, gpu_layers=gpu_layers)
+            fitted_ctx = n_ctx
+        else:
+            layers, fitted_ctx, placement = _gpu_layers(gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type,
+                                                        flash_attn=flash_attn, n_batch=n_batch)
         if fitted_ctx < n_ctx:
             warnings.warn(f"context reduced from {n_ctx} to {fitted_ctx} tokens to fit memory: {placement}",
                           UserWarning, stacklevel=2)
             n_ctx = fitted_ctx
         rope = rope_params(n_ctx)
-        llm = load_model(path, n_gpu_layers=layers)
+        llm = load_model(path, n_gpu_layers=layers, **workers)
         try:
             selection = select_template(template, gguf_template=llm.meta("tokenizer.chat_template"))
             if selection.warning:
