@@ -249,7 +249,7 @@ class Model:
         # Set by load(guard=...) for models on RPC workers: every call that may talk to a worker
         # goes through guard.call (backend/rpc.py), and a lost model is never freed.
         self.guard = None
-        self.devices: list[str] = []
+        self.devices: list[int] = []  # the offload devices asked for (ggml_backend_dev_t)
 
     @classmethod
     def load(cls, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
@@ -300,6 +300,7 @@ class Model:
             raise RuntimeLoadError(f"llama.cpp could not load {path}: {log_tail(3) or 'no log'}")
         model = cls(ptr, path, extra_bufts=bool(extra_bufts), n_gpu_layers=int(n_gpu_layers))
         model.guard = guard
+        model.devices = list(devices or [])
         return model
 
     def close(self) -> None:

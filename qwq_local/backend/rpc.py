@@ -39,8 +39,8 @@ from .binding import llama
 
 _STATE: dict[str, Any] = {}
 _LOCK = threading.Lock()
-# Endpoints whose connection died in this process: ggml-rpc keeps one dispatcher per endpoint,
-# and the dead one stays referenced by the lost model, so reconnecting needs a new process.
+# Endpoints of models lost in this process: ggml-rpc keeps one connection (dispatcher) per
+# endpoint, the lost model holds it and it is shut down, so reconnecting needs a new process.
 _LOST: set[str] = set()
 
 # ggml_backend_dev_type (ggml-backend.h)
@@ -174,7 +174,8 @@ def probe(endpoint: str, *, timeout: float = constants.RPC_PROBE_TIMEOUT_S) -> l
     aborts the process that makes it). RpcError naming the worker when it cannot answer."""
     require_rpc()
     if endpoint in _LOST:
-        raise RpcError(f"RPC worker {endpoint} was lost earlier in this process; start a new process to use it again")
+        raise RpcError(f"RPC worker {endpoint} served a model lost earlier in this process; "
+                       "start a new process to use it again")
     host, _, port = endpoint.partition(":")
     try:  # a fast, precise answer for the common faults (nothing listening, no route)
         with socket.create_connection((host, int(port)), timeout=min(timeout, 5.0)):
@@ -288,9 +289,13 @@ class RpcGuard:
         self.lost = why
         release_connections(self.endpoints)
         dead = [ep for ep in self.endpoints if not _listening(ep)] or self.endpoints
-        _LOST.update(dead)
+        # ggml-rpc keeps one connection per endpoint per process and the abandoned model holds it:
+        # none of this model's workers can be used again by this process.
+        _LOST.update(self.endpoints)
+        others = [ep for ep in self.endpoints if ep not in dead]
+        freed = f"; its other workers ({', '.join(others)}) were released for a new process" if others else ""
         return RpcError(f"lost the RPC worker {', '.join(dead)}: {why.split(': ')[-1]}; the model was "
-                        "abandoned: load it again without that worker (a restarted worker needs a new process)")
+                        f"abandoned: load it again without that worker{freed}")
 
     def call(self, fn: Callable, *args):
         if self.lost:
