@@ -474,6 +474,11 @@ class Context:
             raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
         self.n_past += 1
 
+    def synchronize(self) -> None:
+        """Wait for the decode llama.cpp queued (llama_decode returns before async backends finish)."""
+        guard, sync = self.model.guard, llama().llama_synchronize
+        guard.call(sync, self.ptr) if guard else sync(self.ptr)
+
     def logits(self, i: int = -1):
         """A numpy float32 view of the logits of output i (-1: the last one decoded)."""
         import numpy as np

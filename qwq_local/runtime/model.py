@@ -408,6 +408,7 @@ class QwQ:
             self.reset()
             t = time.perf_counter()
             ctx.decode(prompt, start_pos=0)
+            ctx.synchronize()  # GPU and RPC backends compute asynchronously
             pp.append(prompt_tokens / (time.perf_counter() - t))
             chain = build_sampler(lib, self._model, Sampling(seed=0, logit_bias=self.eog_bias()),
                                   penalty_window=64)
