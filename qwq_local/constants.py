@@ -191,12 +191,26 @@ GGML_X86_ISA_OPTIONS = (
     ("AVX512_VBMI", ("avx512vbmi",)), ("AVX512_VNNI", ("avx512_vnni",)), ("AVX512_BF16", ("avx512_bf16",)),
 )
 GGML_AMX_OPTIONS = ("AMX_TILE", "AMX_INT8", "AMX_BF16")
+# --- RPC workers (llama.cpp's ggml-rpc backend) ----------------------------------------------
+# `rpc-server`'s default port (llama.cpp tools/rpc/rpc-server.cpp).
+DEFAULT_RPC_PORT = 50052
+DEFAULT_RPC_HOST = "127.0.0.1"
+DEFAULT_RPC_TIMEOUT_S = 300.0
+# Connecting to and asking a worker for its devices; a worker serves one client at a time, so a
+# busy one accepts the TCP connection and then does not answer.
+RPC_PROBE_TIMEOUT_S = 15.0
+# pip's wheel cache ignores CMAKE_ARGS: without --no-cache-dir a cached build without RPC is reused.
+RPC_INSTALL_FIX = ('CMAKE_ARGS="-DGGML_RPC=on" pip install --force-reinstall --no-cache-dir '
+                   f'llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}')
 
 # --- Environment variables ------------------------------------------------------------------
 ENV_DEBUG = "QWQ_LOCAL_DEBUG"
 ENV_CACHE_DIR = "QWQ_LOCAL_CACHE"
 ENV_NO_PROGRESS = "QWQ_LOCAL_NO_PROGRESS"
 ENV_AMX = "QWQ_LOCAL_AMX"  # "on" | "off" | unset (probe)
+# Seconds one llama.cpp call on a model with RPC workers may take before the worker is declared
+# lost (a host that vanished without closing its socket never answers; a killed one is seen at once).
+ENV_RPC_TIMEOUT = "QWQ_LOCAL_RPC_TIMEOUT"
 
 
 def _truthy(value: str | None) -> bool:

@@ -89,3 +89,9 @@ class UsageError(QwQLocalError):
     """An option value or combination is invalid."""
 
     exit_code = 2
+
+
+class RpcError(QwQLocalError):
+    """An RPC worker is unreachable, busy, lost mid-run, or this llama.cpp build has no RPC."""
+
+    exit_code = 13

@@ -261,17 +261,26 @@ class Model:
         self.n_embd = lib.llama_model_n_embd(ptr)
         self.n_layer = lib.llama_model_n_layer(ptr)
         self._piece_cache: dict[int, bytes] = {}
+        # Set by load(guard=...) for models on RPC workers: every call that may talk to a worker
+        # goes through guard.call (backend/rpc.py), and a lost model is never freed.
+        self.guard = None
+        self.devices: list[int] = []  # the offload devices asked for (ggml_backend_dev_t)
 
     @classmethod
     def load(cls, path: Path | str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
              vocab_only: bool = False, extra_bufts: bool | None = None,
-             metadata_only: bool = False) -> "Model":
+             metadata_only: bool = False, devices: Sequence[int] | None = None,
+             tensor_split: Sequence[float] | None = None, guard=None) -> "Model":
         """Load a GGUF as it is. Untrusted files go through `qwq_local.gguf.load_model`, which
         validates them first (the binding sits below the validator).
 
         metadata_only: llama.cpp checks hyperparameters, vocabulary and every tensor's name,
         shape and file range but reads and allocates no weights (no_alloc); such a model can
-        still size a context, not compute."""
+        still size a context, not compute.
+
+        devices: ggml_backend_dev_t pointers to offload to, in order (llama_model_params.devices;
+        None: llama.cpp's default, every local GPU); tensor_split: layers (or shares) per device;
+        guard: an rpc.RpcGuard through which llama.cpp is called (models on RPC workers)."""
         path = Path(path)
         if not path.is_file():
             from ..errors import ModelNotFoundError
@@ -292,13 +301,25 @@ class Model:
             # no_alloc together with an mmap load trips GGML_ASSERT(!ml.no_alloc) here.
             params.no_alloc = True
             params.load_mode = lib.LLAMA_LOAD_MODE_NONE
-        ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+        keep = []
+        if devices is not None:
+            keep.append((ctypes.c_void_p * (len(devices) + 1))(*devices, None))  # NULL-terminated
+            params.devices = ctypes.cast(keep[-1], ctypes.c_void_p)
+        if tensor_split is not None:
+            split = list(tensor_split) + [0.0] * (lib.llama_max_devices() - len(tensor_split))
+            keep.append((ctypes.c_float * len(split))(*split))
+            params.tensor_split = ctypes.cast(keep[-1], ctypes.POINTER(ctypes.c_float))
+        load = lib.llama_model_load_from_file
+        ptr = guard.call(load, str(path).encode(), params) if guard else load(str(path).encode(), params)
         if not ptr:
             raise RuntimeLoadError(f"llama.cpp could not load {path}: {log_tail(3) or 'no log'}")
-        return cls(ptr, path, extra_bufts=bool(extra_bufts), n_gpu_layers=int(n_gpu_layers))
+        model = cls(ptr, path, extra_bufts=bool(extra_bufts), n_gpu_layers=int(n_gpu_layers))
+        model.guard = guard
+        model.devices = list(devices or [])
+        return model
 
     def close(self) -> None:
-        if self.ptr:
+        if self.ptr and not (self.guard and self.guard.lost):
             llama().llama_model_free(self.ptr)
             self.ptr = None
 
@@ -391,7 +412,9 @@ class Context:
         params.no_perf = False
         self.model = model
         self.params = params
-        self.ptr = lib.llama_init_from_model(model.ptr, params)
+        guard = model.guard
+        init = lib.llama_init_from_model
+        self.ptr = guard.call(init, model.ptr, params) if guard else init(model.ptr, params)
         if not self.ptr:
             raise RuntimeLoadError(
                 f"llama.cpp could not create a context of {n_ctx} tokens for {model.path}: "
@@ -407,6 +430,9 @@ class Context:
 
     def close(self) -> None:
         lib = llama()
+        if self.model.guard and self.model.guard.lost:
+            self.ptr = None  # freeing would wait forever on the lost worker
+            return
         if getattr(self, "_batch", None) is not None:
             lib.llama_batch_free(self._batch)
             self._batch = None
@@ -446,7 +472,8 @@ class Context:
                 batch.pos[i] = pos + start + i
                 batch.logits[i] = logits == "all" or (logits == "last" and last_chunk and i == len(chunk) - 1)
             batch.n_tokens = len(chunk)
-            rc = lib.llama_decode(self.ptr, batch)
+            guard = self.model.guard
+            rc = guard.call(lib.llama_decode, self.ptr, batch) if guard else lib.llama_decode(self.ptr, batch)
             if rc != 0:
                 raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
         self.n_past = pos + len(tokens)
@@ -458,10 +485,16 @@ class Context:
         batch.pos[0] = self.n_past
         batch.logits[0] = True
         batch.n_tokens = 1
-        rc = llama().llama_decode(self.ptr, batch)
+        guard = self.model.guard
+        rc = guard.call(llama().llama_decode, self.ptr, batch) if guard else llama().llama_decode(self.ptr, batch)
         if rc != 0:
             raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
         self.n_past += 1
+
+    def synchronize(self) -> None:
+        """Wait for the decode llama.cpp queued (llama_decode returns before async backends finish)."""
+        guard, sync = self.model.guard, llama().llama_synchronize
+        guard.call(sync, self.ptr) if guard else sync(self.ptr)
 
     def logits(self, i: int = -1):
         """A numpy float32 view of the logits of output i (-1: the last one decoded)."""

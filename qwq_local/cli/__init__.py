@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from .. import constants
-from . import files, hub, machine, run  # noqa: F401  (each registers its commands on `app`)
+from . import files, hub, machine, run, worker  # noqa: F401  (each registers its commands on `app`)
 from .app import app, err
 
 __all__ = ["app", "main"]

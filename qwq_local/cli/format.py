@@ -107,6 +107,9 @@ def doctor_report(r: dict) -> str:
         lines.append("  to keep the repack kernels without AMX (extra buffer types then pass the probe), rebuild:")
         lines.append(f"    {amx['reinstall_without_amx']}")
     lines.append(f"rope              {r['rope']['rule']}")
+    rpc = r.get("rpc") or {}
+    lines.append("RPC               " + ("available (--rpc, qwq-local worker)" if rpc.get("available") else
+                                         f"NOT in this build; get it: {rpc.get('fix')}"))
     rec = r["recommendation"]
     if rec["quant"]:
         lines.append(f"QwQ-32B           {rec['quant']} at context {rec['n_ctx']} (rope {describe_rope(rec['rope'])}) "
@@ -132,3 +135,15 @@ def model_table(models) -> str:
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4] for row in rows)
+
+
+def split_table(rows: list[dict], *, fits: bool) -> str:
+    """plan.devices.DevicePlan.table(): one line per device (RPC workers, local GPUs, RAM)."""
+    head = ("DEVICE", "LAYERS", "BLOCKS", "WEIGHTS", "KV", "COMPUTE", "TOTAL", "FREE", "")
+    body = [(r["device"], str(r["layers"]), r["blocks"], human_bytes(r["weights"]), human_bytes(r["kv"]),
+             human_bytes(r["compute"]), human_bytes(r["total"]), human_bytes(r["free"]),
+             "ok" if r["fits"] else "TOO MUCH") for r in rows]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *body]]
+    lines.append("fits" if fits else "does NOT fit")
+    return "\n".join(lines)

@@ -18,13 +18,15 @@ def plan_cmd(
     rope_scaling: str = opts.ROPE,
     flash_attn: Optional[bool] = typer.Option(
         None, "--flash-attn/--no-flash-attn", help="Flash attention (default: auto, which is on)."),
-    gpu_layers: str = typer.Option("0", "--gpu-layers", help="auto, all, or a number of layers."),
+    gpu_layers: Optional[str] = typer.Option(
+        None, "--gpu-layers", help="auto, all, or a number of layers (default: 0; auto with --rpc)."),
     n_batch: int = typer.Option(constants.DEFAULT_N_BATCH, "--batch", help="Logical batch size."),
     n_ubatch: int = typer.Option(constants.DEFAULT_N_UBATCH, "--ubatch", help="Physical batch size."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Free GPU memory to plan for (24G, 8GiB...); default: this machine's."),
     ram: Optional[str] = typer.Option(None, "--ram", help="Available RAM to plan for; default: this machine's."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Take compute buffers from llama.cpp itself (metadata-only load, no weights read)."),
+    rpc: Optional[str] = opts.RPC,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show the memory llama.cpp will need per device for MODEL with these settings."""
@@ -33,6 +35,24 @@ def plan_cmd(
     from ..plan.hardware import parse_size
     from ..hub.download import resolve_model
     from ..plan.memory import plan
+
+    if rpc:
+        from ..plan.devices import plan_with_workers
+
+        split = plan_with_workers(resolve_model(model), _endpoints(rpc), n_ctx=ctx, kv_type=kv_type,
+                                  flash_attn=flash_attn, n_ubatch=n_ubatch, gpu_layers=gpu_layers or "auto",
+                                  ram=parse_size(ram) if ram else None)
+        if as_json:
+            typer.echo(json.dumps({"model": split.model, "n_ctx": split.n_ctx, "n_gpu_layers": split.n_gpu_layers,
+                                   "devices": split.table(), "fits": split.fits}, indent=2))
+        else:
+            typer.echo(cli_format.split_table(split.table(), fits=split.fits))
+        if not split.fits:
+            from ..errors import InsufficientMemoryError
+
+            raise typer.Exit(InsufficientMemoryError.exit_code)
+        return
+    gpu_layers = gpu_layers or "0"
 
     p = plan(resolve_model(model), n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn,
              n_batch=n_batch, n_ubatch=n_ubatch, gpu_layers=gpu_layers,
@@ -62,3 +82,10 @@ def doctor_cmd(
         typer.echo(json.dumps(r, indent=2))
         return
     typer.echo(cli_format.doctor_report(r))
+
+
+def _endpoints(rpc: str) -> list[str]:
+    from ..backend.rpc import parse_endpoints, require_rpc
+
+    require_rpc()
+    return parse_endpoints(rpc)

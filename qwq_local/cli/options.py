@@ -73,6 +73,9 @@ MIN_P = typer.Option(constants.DEFAULT_MIN_P, "--min-p")
 PRESENCE = typer.Option(constants.DEFAULT_PRESENCE_PENALTY, "--presence-penalty")
 SEED = typer.Option(None, "--seed", help="Sampling seed (default: random).")
 SYSTEM = typer.Option(None, "--system", help="System prompt.")
+# llama.cpp RPC workers (`qwq-local worker` on each host): run, chat, bench, plan, serve.
+RPC = typer.Option(None, "--rpc", help="RPC workers to offload layers to: HOST:PORT[,HOST:PORT...] "
+                                       "(start each with `qwq-local worker`; see docs/rpc.md).")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end tokens (until --max-tokens or "
                                                  "the context end), as llama.cpp's --ignore-eos.")
 SPECIAL_IN_CONTENT = typer.Option(False, "--special-in-content",

@@ -14,20 +14,35 @@ from .app import command, err
 
 def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int], seed: Optional[int],
                 template: str, kv_type: str, flash_attn: Optional[bool] = None,
-                rope_scaling: str = constants.DEFAULT_ROPE_SCALING):
+                rope_scaling: str = constants.DEFAULT_ROPE_SCALING, rpc: Optional[str] = None):
     import warnings
 
     from ..runtime.model import QwQ
 
     # The library warns (altered template in the GGUF, context shortened to fit memory); on the
     # command line that is one "warning: ..." line, not Python's file:line and source echo.
+    if rpc:  # the split across the workers, before loading
+        from ..backend.rpc import parse_endpoints, require_rpc
+        from ..plan.devices import plan_with_workers
+        from . import format as cli_format
+
+        require_rpc()
+        split = plan_with_workers(model if Path(model).is_file() else _resolve(model), parse_endpoints(rpc),
+                                  n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers)
+        err(cli_format.split_table(split.table(), fits=split.fits))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         llm = QwQ.load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                       kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling)
+                       kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling, rpc=rpc)
     for warning in caught:
         err(f"warning: {warning.message}")
     return llm
+
+
+def _resolve(model: str) -> Path:
+    from ..hub.download import resolve_model
+
+    return resolve_model(model)
 
 
 def sampling_options(*, max_tokens, thinking_budget, temperature, top_p, top_k, min_p, presence_penalty, seed,
@@ -44,6 +59,7 @@ def run_cmd(
     system: Optional[str] = opts.SYSTEM,
     ctx: int = opts.CTX,
     gpu_layers: str = opts.GPU,
+    rpc: Optional[str] = opts.RPC,
     threads: Optional[int] = opts.THREADS,
     max_tokens: Optional[int] = opts.MAX,
     thinking_budget: Optional[int] = opts.BUDGET,
@@ -79,7 +95,7 @@ def run_cmd(
     options = sampling_options(max_tokens=max_tokens, thinking_budget=thinking_budget, temperature=temperature,
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
                                 ignore_eos=ignore_eos, special_in_content=special_in_content)
-    with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
+    with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template, rpc=rpc,
                      kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling) as llm:
         if as_json:
             reply = llm.chat(messages, **options)
@@ -105,6 +121,7 @@ def chat_cmd(
     system: Optional[str] = opts.SYSTEM,
     ctx: int = opts.CTX,
     gpu_layers: str = opts.GPU,
+    rpc: Optional[str] = opts.RPC,
     threads: Optional[int] = opts.THREADS,
     max_tokens: Optional[int] = opts.MAX,
     thinking_budget: Optional[int] = opts.BUDGET,
@@ -131,7 +148,7 @@ def chat_cmd(
     options = sampling_options(max_tokens=max_tokens, thinking_budget=thinking_budget, temperature=temperature,
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
                                 ignore_eos=ignore_eos, special_in_content=special_in_content)
-    with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
+    with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template, rpc=rpc,
                      kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling) as llm:
         code = repl(llm, system=system, options=options, show_thinking=not hide_thinking)
     raise typer.Exit(code)
@@ -144,6 +161,7 @@ def bench_cmd(
     gen_tokens: int = typer.Option(128, "--gen-tokens", help="Tokens to generate for tg (tokens/s, one at a time)."),
     threads: Optional[int] = opts.THREADS,
     gpu_layers: str = opts.GPU,
+    rpc: Optional[str] = opts.RPC,
     kv_type: str = opts.KV,
     rope_scaling: str = opts.ROPE,
     repetitions: int = typer.Option(1, "--repetitions", "-r", help="Runs to average."),
@@ -162,7 +180,7 @@ def bench_cmd(
         # Checked here: the context is derived, and "n_ctx must be ..." would name no option the user gave.
         raise UsageError(f"--prompt-tokens + --gen-tokens must stay under the {constants.MAX_CONTEXT}-token "
                          f"context limit, not {prompt_tokens} + {gen_tokens}")
-    with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=0, template="original",
+    with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=0, template="original", rpc=rpc,
                      kv_type=kv_type, rope_scaling=rope_scaling) as llm:
         result = llm.bench(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repetitions=repetitions)
     if as_json:

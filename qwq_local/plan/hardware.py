@@ -290,8 +290,18 @@ def report(*, probe: bool = True) -> dict:
         "amx": amx_status(probe=probe),
         "rope": {"rule": rope_rule(), "default_ctx": rope_params(constants.DEFAULT_N_CTX),
                  "max_ctx": rope_params(constants.MAX_CONTEXT)},
+        "rpc": rpc_status(),
         "recommendation": rec,
     }
+
+
+def rpc_status() -> dict:
+    """Whether this llama.cpp build has the RPC backend (`--rpc`, `worker`), and the command
+    that rebuilds it with RPC when it does not."""
+    from ..backend.rpc import has_rpc
+
+    ok = has_rpc()
+    return {"available": ok, "fix": None if ok else constants.RPC_INSTALL_FIX}
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

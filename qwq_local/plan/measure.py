@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MiB = 1024 * 1024
-_BUF = re.compile(r"(?P<dev>[\w.]+)\s+(?P<kind>model|KV|compute|output) buffer size =\s+(?P<mib>[\d.]+) MiB")
+_BUF = re.compile(r"(?P<dev>[\w.]+(?:\[[^\]]*\])?)\s+(?P<kind>model|KV|compute|output) buffer size =\s+(?P<mib>[\d.]+) MiB")
 # Printed when the context is freed, with 4 decimals instead of 2.
-_COMPUTE_EXACT = re.compile(r"(?P<dev>[\w.]+) compute buffer size is\s+(?P<mib>[\d.]+) MiB")
+_COMPUTE_EXACT = re.compile(r"(?P<dev>[\w.]+(?:\[[^\]]*\])?) compute buffer size is\s+(?P<mib>[\d.]+) MiB")
 
 
 @dataclass

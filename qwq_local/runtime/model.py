@@ -91,7 +91,8 @@ class QwQ:
              threads: int | None = None, seed: int | None = None,
              template: str | Path = constants.DEFAULT_TEMPLATE_CHOICE,
              n_batch: int = constants.DEFAULT_N_BATCH,
-             rope_scaling: str = constants.DEFAULT_ROPE_SCALING) -> "QwQ":
+             rope_scaling: str = constants.DEFAULT_ROPE_SCALING,
+             rpc: str | Sequence[str] | None = None) -> "QwQ":
         """Load a GGUF (a path, or a cached name such as `qwq:q4_k_m`) with one context.
 
         rope_scaling "auto" applies the card's rule (static YaRN x4, orig ctx 32768, when n_ctx >
@@ -99,7 +100,8 @@ class QwQ:
         effect (after a context shortened to fit memory, too). kv_type q8_0/q4_0 quantize
         the KV cache (needs flash attention, turned on by llama.cpp's auto setting);
         template is "original" (QwQ's released template, the default), "gguf" (the file's own)
-        or a path to a .jinja file.
+        or a path to a .jinja file; rpc: llama.cpp RPC workers ("HOST:PORT", a list or a
+        comma-separated string) to offload layers to, placed by plan.devices (docs/rpc.md).
         """
         from ..chat.template import select_template
 
@@ -112,14 +114,22 @@ class QwQ:
             raise UsageError(f"threads must be >= 1, not {threads}")
         rope_params(n_ctx, rope_scaling)  # range and choice check before any work
         path = _resolve(model)
-        layers, fitted_ctx, placement = _gpu_layers(gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type,
-                                                    flash_attn=flash_attn, n_batch=n_batch)
+        workers: dict[str, Any] = {}
+        if rpc:
+            from ..plan.devices import load_options_for_workers
+
+            layers, placement, workers = load_options_for_workers(path, rpc, n_ctx=int(n_ctx), kv_type=kv_type,
+                                                                  flash_attn=flash_attn, gpu_layers=gpu_layers)
+            fitted_ctx = n_ctx
+        else:
+            layers, fitted_ctx, placement = _gpu_layers(gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type,
+                                                        flash_attn=flash_attn, n_batch=n_batch)
         if fitted_ctx < n_ctx:
             warnings.warn(f"context reduced from {n_ctx} to {fitted_ctx} tokens to fit memory: {placement}",
                           UserWarning, stacklevel=2)
             n_ctx = fitted_ctx
         rope = rope_params(n_ctx, rope_scaling)
-        llm = load_model(path, n_gpu_layers=layers)
+        llm = load_model(path, n_gpu_layers=layers, **workers)
         try:
             selection = select_template(template, gguf_template=llm.meta("tokenizer.chat_template"))
             normalizer = normalizer_of(llm.meta(constants.GGUF_NORMALIZER_KEY),
@@ -445,6 +455,7 @@ class QwQ:
             self.reset()
             t = time.perf_counter()
             ctx.decode(prompt, start_pos=0)
+            ctx.synchronize()  # GPU and RPC backends compute asynchronously
             pp.append(prompt_tokens / (time.perf_counter() - t))
             chain = build_sampler(lib, self._model, Sampling(seed=0, logit_bias=self.eog_bias()),
                                   penalty_window=64)
