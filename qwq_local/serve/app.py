@@ -9,7 +9,6 @@ model; 413 a body over the limit; 503 with Retry-After while loading or when the
 500 only for internal faults, logged, answered without internals.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac
@@ -28,6 +27,9 @@ from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, completion_id, error_body, now
 
 log = logging.getLogger("qwq_local.serve")
+
+# No `from __future__ import annotations` here: FastAPI reads the route parameters' annotations
+# (Request, the request models) at definition time, from the function's scope.
 
 __all__ = ["ServeConfig", "check_parallel", "create_app"]
 

@@ -98,7 +98,8 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self._queue) >= self.queue_size:
+            free = any(not s.busy for s in self.slots)
+            if not free and len(self._queue) >= self.queue_size:
                 raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self._queue)} requests wait")
             self._queue.append(job)
             self._dispatch()

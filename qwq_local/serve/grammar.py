@@ -68,7 +68,9 @@ def answer_grammar(answer_rules: str, answer_rule: str, *, in_thought: bool, clo
     waits for `</think>` (one token: `close_tokens`) and its root starts with that text."""
     if not in_thought:
         return AnswerGrammar(f"root ::= {answer_rule}\n{answer_rules}")
-    root = f'root ::= {json.dumps(THINK_CLOSE)} [ \\t\\n]* {answer_rule}\n'
+    # A few blank-line characters after `</think>`, not any number: an unbounded run lets a model
+    # spend its whole budget on whitespace.
+    root = f'root ::= {json.dumps(THINK_CLOSE)} [ \\n]{{0,3}} {answer_rule}\n'
     if len(close_tokens) == 1:
         return AnswerGrammar(root + answer_rules, trigger_tokens=(int(close_tokens[0]),))
     # `</think>` spelled with several tokens: trigger on the text instead (regex_match over what
