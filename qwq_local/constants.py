@@ -193,4 +193,6 @@ SERVE_QUEUE_SIZE = 16
 SERVE_MAX_BODY_BYTES = 8 * 1024 * 1024
 # Seconds between SSE comment pings on a quiet stream (a long prompt read), so proxies keep it.
 SERVE_SSE_PING_S = 15
+# How often a non-streamed request checks whether its client went away (a stream notices at once).
+SERVE_DISCONNECT_CHECK_S = 0.2
 ENV_API_KEY = "QWQ_LOCAL_API_KEY"

@@ -157,14 +157,6 @@ def create_app(model: Any, config: ServeConfig | None = None):
         log.exception("internal error on %s", request.url.path)
         return error_response(APIError(500, "internal error (see the server log)", type="server_error"))
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        if state.metrics is not None:
-            route = request.scope.get("route")
-            state.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
     def ready() -> tuple[Any, Engine]:
         if state.engine is None:
             if state.error:
@@ -244,6 +236,7 @@ def create_app(model: Any, config: ServeConfig | None = None):
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(RequestCounter, state=state)
     if config.api_key:
         app.add_middleware(APIKey, key=config.api_key)
     if config.cors:
@@ -273,6 +266,33 @@ async def _send_error(scope, receive, send, exc: APIError) -> None:
     from starlette.responses import JSONResponse
 
     await JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers)(scope, receive, send)
+
+
+class RequestCounter:
+    """ASGI middleware: count answered requests by route and status for /metrics. (Starlette's
+    BaseHTTPMiddleware would hide the client's disconnect from the endpoints.)"""
+
+    def __init__(self, app, *, state: _State) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = []
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            metrics = self.state.metrics
+            if metrics is not None and status:
+                route = getattr(scope.get("route"), "path", "unmatched")
+                metrics.requests.labels(route, str(status[0])).inc()
 
 
 class BodyLimit:

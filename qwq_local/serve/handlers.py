@@ -14,6 +14,7 @@ Rules kept here (docs/serve.md has them for users):
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -56,6 +57,8 @@ def _sampling(req: Any, model: Any, answer: gbnf.AnswerGrammar | None) -> Sampli
         if not -100.0 <= value <= 100.0:
             raise _bad(f"logit_bias values must be in [-100, 100], not {value}", "logit_bias")
         bias[tok] = float(value)
+    if req.ignore_eos:
+        bias = {**model.eog_bias(), **bias}
     if answer is not None and req.grammar:
         raise _bad("give either `grammar` or tool_choice required/named / response_format json, not both", "grammar")
     g = answer.gbnf if answer is not None else req.grammar
@@ -190,12 +193,16 @@ async def _events(job: Job) -> AsyncIterator[Any]:
 async def collect(job: Job, is_disconnected) -> Any:
     """The reply of a non-streamed request; the job is cancelled if the client goes away."""
     reply = None
+    checked = time.monotonic()
     try:
         async for event in _events(job):
             if event.kind == "done":
                 reply = event.reply
-            elif await is_disconnected():
-                job.cancel.set()
+            elif time.monotonic() - checked > constants.SERVE_DISCONNECT_CHECK_S:
+                # Asking the ASGI server costs a receive() per call: a few times a second, not per token.
+                checked = time.monotonic()
+                if await is_disconnected():
+                    job.cancel.set()
     finally:
         job.cancel.set()  # no-op once finished; frees the slot if this request was cancelled
     if reply is not None and job.shutdown:

@@ -4,7 +4,7 @@ serving logic, as vLLM's entrypoints keep them.
 Field names and meanings follow OpenAI's Chat Completions API; the QwQ extras follow the
 servers clients already know: `thinking_budget` (DashScope) and `thinking_budget_tokens`
 (llama.cpp's server) cap the thought, `grammar` (llama.cpp's server) constrains the whole
-completion with GBNF. Unknown fields are accepted and ignored, as OpenAI's SDKs send new ones.
+completion with GBNF, `ignore_eos` (llama.cpp's server) bans the end tokens. Unknown fields are accepted and ignored, as OpenAI's SDKs send new ones.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class _Sampling(_Lenient):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     grammar: Optional[str] = None
+    ignore_eos: bool = False
 
 
 class ChatCompletionRequest(_Sampling):

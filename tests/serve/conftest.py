@@ -34,11 +34,14 @@ class Server:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+                self.proc.wait()
+            self.proc.stdout.close()
+            self.proc.stderr.close()
 
 
 @pytest.fixture(scope="session")
 def server(tiny_gguf):
-    srv = Server(tiny_gguf, "--alias", "tiny")
+    srv = Server(tiny_gguf, "--alias", "tiny", "--ctx", "2048")
     yield srv
     srv.stop()
 

@@ -71,10 +71,21 @@ def test_chat_page_stop_frees_the_slot_and_new_chat_clears(browser, page_server)
     from selenium.webdriver.common.by import By
 
     browser.get(page_server.url + "/")
-    browser.find_element(By.ID, "budget").clear()  # no budget: a long thought on the tiny model
+    browser.find_element(By.ID, "budget").clear()
+    # The tiny model may end a reply at any token; so that Stop meets a running reply, the
+    # page's request also asks the server to ban end tokens (llama.cpp's `ignore_eos`): the reply
+    # then runs to the end of the 4096-token context unless stopped.
+    browser.execute_script("""
+        const original = window.fetch;
+        window.fetch = (url, init) => {
+            if (init && init.body) init.body = JSON.stringify(Object.assign(JSON.parse(init.body), {ignore_eos: true}));
+            return original(url, init);
+        };""")
     browser.find_element(By.ID, "input").send_keys("Tell me a long story")
     browser.find_element(By.ID, "send").click()
-    assert wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "details.thought > div").text, timeout=20)
+    # textContent, not .text: the thought folds (and hides) once the answer starts
+    assert wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "details.thought > div").get_attribute(
+        "textContent"), timeout=20)
     assert busy(page_server) == 1
     browser.find_element(By.ID, "stop").click()
     assert wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".stopped"), timeout=10)

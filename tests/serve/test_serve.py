@@ -177,11 +177,33 @@ def test_disconnect_frees_the_slot(client, server, no_end):
     assert reply.choices[0].finish_reason in ("length", "stop")
 
 
+def test_non_streamed_request_whose_client_leaves_frees_the_slot(server, no_end):
+    before = metric(server, "qwq_local_completion_tokens_total")
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(server.url + "/v1/chat/completions", timeout=0.3,
+                      json={"messages": USER, "logit_bias": no_end})  # would run to the context end
+    assert wait_for(lambda: metric(server, "qwq_local_slots_busy") == 0, timeout=5)
+    assert metric(server, "qwq_local_completion_tokens_total") - before < 1500  # of ~2000
+
+
+def test_completions_stream(client, no_end):
+    pieces = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, stream=True,
+                                            logit_bias=no_end))
+    assert "".join(p.choices[0].text for p in pieces)
+    assert pieces[-1].choices[0].finish_reason == "length"
+
+
+def test_cors_is_off_by_default(server):
+    r = requests.options(server.url + "/v1/chat/completions", headers={
+        "Origin": "http://example.test", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+
+
 def test_completions_raw_prompt_and_models_and_health(client, server, no_end):
     text = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, logit_bias=no_end)
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 6
     models = client.models.list().data
-    assert [m.id for m in models] == ["tiny"] and models[0].context_length == 512
+    assert [m.id for m in models] == ["tiny"] and models[0].context_length == 2048
     assert requests.get(server.url + "/health").json() == {"status": "ok"}
     body = requests.get(server.url + "/metrics").text
     for name in ("qwq_local_requests_total", "qwq_local_completion_tokens_total", "qwq_local_queue_depth",
@@ -226,25 +248,30 @@ def test_bad_input_statuses(server):
     assert api_error(requests.post(url, json={"model": "gpt-4o", "messages": USER}), 404)["code"] == "model_not_found"
     api_error(requests.get(server.url + "/v1/nothing"), 404)
     api_error(requests.post(url, data=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"}), 413)
-    long = [{"role": "user", "content": "word " * 2000}]
+    long = [{"role": "user", "content": "word " * 5000}]
     error = api_error(requests.post(url, json={"messages": long}), 400)
-    assert error["code"] == "context_length_exceeded" and "512" in error["message"]
-    assert any(ch.isdigit() for ch in error["message"].replace("512", ""))
+    assert error["code"] == "context_length_exceeded" and "2048" in error["message"]
+    assert any(ch.isdigit() for ch in error["message"].replace("2048", ""))
     # the server goes on answering
     assert requests.post(url, json={"messages": USER, "max_tokens": 2}).status_code == 200
 
 
 def test_openai_client_sees_typed_errors(client):
     with pytest.raises(openai.BadRequestError, match="context_length_exceeded|context"):
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 2000}])
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 5000}])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=USER)
 
 
 def test_api_key_queue_limit_and_clean_shutdown(tiny_gguf, no_end):
-    srv = Server(tiny_gguf, "--queue", "0", "--alias", "tiny", env={"QWQ_LOCAL_API_KEY": "s3cret"})
+    srv = Server(tiny_gguf, "--queue", "0", "--alias", "tiny", "--cors", "http://example.test",
+                 env={"QWQ_LOCAL_API_KEY": "s3cret"})
     try:
         url = srv.url + "/v1/chat/completions"
+        preflight = requests.options(url, headers={"Origin": "http://example.test",
+                                                   "Access-Control-Request-Method": "POST",
+                                                   "Access-Control-Request-Headers": "authorization"})
+        assert preflight.headers["access-control-allow-origin"] == "http://example.test"
         assert api_error(requests.post(url, json={"messages": USER}), 401)["code"] == "invalid_api_key"
         assert api_error(requests.post(url, json={"messages": USER}, headers={"Authorization": "Bearer nope"}),
                          401)["code"] == "invalid_api_key"
@@ -279,3 +306,24 @@ def test_non_loopback_host_needs_a_key(tiny_gguf):
     assert result.exit_code == 2 and "--api-key" in result.output
     result = CliRunner().invoke(app, ["serve", "-m", str(tiny_gguf), "--parallel", "4"])
     assert result.exit_code == 2 and "parallel" in result.output
+
+
+def test_app_factory_in_any_asgi_server(tiny_gguf):
+    import uvicorn
+
+    from qwq_local.serve import ServeConfig, create_app
+
+    app = create_app(str(tiny_gguf), ServeConfig(alias="t", load={"n_ctx": 256, "threads": 1}))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, timeout=20)
+        url = "http://127.0.0.1:%d" % server.servers[0].sockets[0].getsockname()[1]
+        seen = wait_for(lambda: requests.get(url + "/health").json()["status"] == "ok", timeout=30)
+        assert seen
+        reply = requests.post(url + "/v1/chat/completions", json={"model": "t", "messages": USER, "max_tokens": 2})
+        assert reply.status_code == 200 and reply.json()["model"] == "t"
+    finally:
+        server.should_exit = True
+        thread.join(30)
