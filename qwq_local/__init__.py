@@ -44,6 +44,7 @@ _LAZY = {
     "pull": "hub",
     "resolve_model": "hub",
     "list_models": "hub",
+    "create_app": "serve",
 }
 
 # These functions share their module's name: importing them here (cheap: their heavy
@@ -53,6 +54,7 @@ from .convert.pipeline import convert  # noqa: E402
 from .quantize.evaluate import evaluate  # noqa: E402
 from .plan.memory import plan  # noqa: E402
 from .quantize.quantizer import quantize  # noqa: E402
+from .serve.runner import serve  # noqa: E402
 
 __all__ = [
     *_LAZY,
@@ -60,6 +62,7 @@ __all__ = [
     "evaluate",
     "plan",
     "quantize",
+    "serve",
     "BadModelFileError",
     "CheckpointError",
     "ContextOverflowError",

@@ -232,3 +232,18 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "qwq-local"
+
+# --- Server (qwq-local serve) -----------------------------------------------------------------
+# Default port: clashes with neither Ollama (11434), LM Studio (1234), llama-server (8080) nor
+# vLLM (8000).
+SERVE_DEFAULT_HOST = "127.0.0.1"
+SERVE_DEFAULT_PORT = 8014
+# Requests that may wait for a free slot; the next one gets 503 + Retry-After.
+SERVE_QUEUE_SIZE = 16
+# Request body limit: far above any prompt that fits 131072 tokens.
+SERVE_MAX_BODY_BYTES = 8 * 1024 * 1024
+# Seconds between SSE comment pings on a quiet stream (a long prompt read), so proxies keep it.
+SERVE_SSE_PING_S = 15
+# How often a non-streamed request checks whether its client went away (a stream notices at once).
+SERVE_DISCONNECT_CHECK_S = 0.2
+ENV_API_KEY = "QWQ_LOCAL_API_KEY"

@@ -37,6 +37,16 @@ class Sampling:
     # logit biases by token id (-inf bans a token).
     grammar: str | None = None
     logit_bias: Mapping[int, float] | None = None
+    # A lazy grammar (llama.cpp's llama_sampler_init_grammar_lazy_patterns): it constrains
+    # nothing until one of these tokens is sampled, or the generated text matches one of these
+    # regexes (std::regex_match over all of it; the first group marks where the grammar starts).
+    # The server uses it to constrain the answer after a free thought.
+    grammar_trigger_tokens: Sequence[int] = ()
+    grammar_trigger_patterns: Sequence[str] = ()
+
+    @property
+    def lazy_grammar(self) -> bool:
+        return bool(self.grammar and (self.grammar_trigger_tokens or self.grammar_trigger_patterns))
 
     def check(self) -> None:
         if self.temperature < 0:
@@ -71,7 +81,18 @@ def build_sampler(lib, model, sampling: Sampling, *, penalty_window: int):
         from ..backend import binding as backend
 
         with backend.capture_log() as log:
-            grammar = lib.llama_sampler_init_grammar(model.vocab, sampling.grammar.encode("utf-8"), b"root")
+            if sampling.lazy_grammar:
+                import ctypes
+
+                patterns = [p.encode("utf-8") for p in sampling.grammar_trigger_patterns]
+                words = (ctypes.c_char_p * max(1, len(patterns)))(*patterns)
+                ids = (lib.llama_token * max(1, len(sampling.grammar_trigger_tokens)))(
+                    *map(int, sampling.grammar_trigger_tokens))
+                grammar = lib.llama_sampler_init_grammar_lazy_patterns(
+                    model.vocab, sampling.grammar.encode("utf-8"), b"root", words, len(patterns), ids,
+                    len(sampling.grammar_trigger_tokens))
+            else:
+                grammar = lib.llama_sampler_init_grammar(model.vocab, sampling.grammar.encode("utf-8"), b"root")
         if not grammar:
             lib.llama_sampler_free(chain)
             why = " ".join("".join(log).split()) or "see llama.cpp's message above"

@@ -220,6 +220,16 @@ class QwQ:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(tokens)
 
+    @property
+    def n_vocab(self) -> int:
+        """Token ids run 0..n_vocab-1 (logit_bias keys must be in range)."""
+        return int(self._model.n_vocab)
+
+    @property
+    def think_close_tokens(self) -> list[int]:
+        """The ids of `</think>` (one id for QwQ, whose tokenizer has it as an added token)."""
+        return self._model.tokenize(constants.THINK_CLOSE, parse_special=True)
+
     def eog_bias(self) -> dict[int, float]:
         """A logit bias that bans every end-of-generation token."""
         if self._eog_ids is None:
@@ -329,7 +339,7 @@ class QwQ:
                     run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
                              thinking_budget=budget, close_tokens=self._close_tokens,
                              close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
-                             accept_injected=not sampling.grammar))
+                             accept_injected=not sampling.grammar or sampling.lazy_grammar))
             hold = max((len(s) for s in stops), default=1) - 1
             pending = ""  # answer text held back while it could be the start of a stop string
             stopped = False
@@ -391,7 +401,7 @@ class QwQ:
         ctx.decode(self._close_tokens)
         state.decoded.extend(self._close_tokens)
         state.injected_tokens += len(self._close_tokens)
-        if not sampling.grammar:
+        if not sampling.grammar or sampling.lazy_grammar:  # a lazy grammar waits for this text
             for t in self._close_tokens:
                 self._lib.llama_sampler_accept(chain, t)
         # The prompt's "<think>\n" already ends a line: no empty thought line is reported.

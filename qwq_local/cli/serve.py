@@ -1,0 +1,54 @@
+"""`qwq-local serve`: the OpenAI-compatible server (a thin client of `qwq_local.serve`)."""
+
+import os
+from typing import Optional
+
+import typer
+
+from .. import constants
+from . import options as opts
+from .app import command, err
+
+
+@command("serve")
+def serve_cmd(
+    model: str = opts.MODEL,
+    host: str = typer.Option(constants.SERVE_DEFAULT_HOST, "--host", help="Address to bind (loopback by default; "
+                                                                          "others need --api-key)."),
+    port: int = typer.Option(constants.SERVE_DEFAULT_PORT, "--port", help="Port (0: any free port)."),
+    parallel: int = typer.Option(1, "--parallel", help="Slots generating at once (this version: 1)."),
+    queue: int = typer.Option(constants.SERVE_QUEUE_SIZE, "--queue", help="Requests that may wait for a slot; "
+                                                                          "more get 503 + Retry-After."),
+    ctx: int = opts.CTX,
+    gpu_layers: str = opts.GPU,
+    threads: Optional[int] = opts.THREADS,
+    template: str = opts.TEMPLATE,
+    kv_type: str = opts.KV,
+    flash_attn: Optional[bool] = opts.FA,
+    seed: Optional[int] = opts.SEED,
+    api_key: Optional[str] = typer.Option(None, "--api-key", help=f"Key clients send as `Authorization: Bearer "
+                                                                   f"KEY` (or set {constants.ENV_API_KEY})."),
+    no_api_key: bool = typer.Option(False, "--no-api-key", help="Allow a non-loopback --host without a key."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="Model id for clients (default: the file name)."),
+    cors: Optional[str] = typer.Option(None, "--cors", help="Allow browser requests from this origin (* for any)."),
+) -> None:
+    """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
+    /v1/models), with a chat page at /, /health and /metrics. Ctrl-C stops it."""
+    from ..serve.app import check_parallel
+    from ..serve.runner import check_host, serve
+    from .run import load_model
+
+    api_key = api_key or os.environ.get(constants.ENV_API_KEY) or None
+    warning = check_host(host, api_key=api_key, no_api_key=no_api_key)
+    if warning:
+        err(f"warning: {warning}")
+    check_parallel(parallel)
+    llm = load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
+                     kv_type=kv_type, flash_attn=flash_attn)
+
+    def ready(url: str) -> None:
+        typer.echo(f"qwq-local: serving {llm.path.name} at {url}/v1 (chat page: {url}/)", err=False)
+
+    serve(llm, host=host, port=port, api_key=api_key, no_api_key=no_api_key, alias=alias, cors=cors,
+          parallel=parallel, queue_size=queue, on_ready=ready)
+    err("server stopped")

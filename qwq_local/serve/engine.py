@@ -1,0 +1,182 @@
+"""The generation side of the server: slots that own a model context, a bounded FIFO queue of
+jobs, and a dispatcher that gives each job to the free slot whose KV cache shares the longest
+prefix with its prompt (llama-server's slot selection by prompt similarity).
+
+Each slot runs its jobs in its own thread (llama.cpp releases the GIL while it computes); the
+asyncio side only waits on a job's event queue. A job's `cancel` stops its generation after
+the current token, so a client that goes away frees the slot within one decode step.
+
+Phase 1 serves one slot per model context: `--parallel N` with N > 1 is refused by the app
+factory until slots share one context with one `llama_decode` per step (see docs/serve.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..runtime.decode import Cancel
+
+log = logging.getLogger("qwq_local.serve")
+
+__all__ = ["Engine", "Job", "QueueFull", "Slot", "common_prefix"]
+
+
+class QueueFull(Exception):
+    """The job queue holds its maximum; the caller answers 503 with Retry-After."""
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class Job:
+    """One generation: what to run on a slot's model, and where its events go.
+
+    run(model, cancel) is called in the slot's thread and returns an iterator of
+    `runtime.Event`s; each is handed to the asyncio loop's queue, then None (the end) or an
+    ("error", exception) item."""
+
+    run: Callable[[Any, Cancel], Any]
+    tokens: list[int]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: Cancel = field(default_factory=Cancel)
+    shutdown: bool = False  # cancelled because the server stops (the stream ends with an error)
+    slot: int | None = None
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop already closed (server shutdown)
+            pass
+
+
+class Slot:
+    """One sequence of KV cache with the tokens it holds, and the thread that generates."""
+
+    def __init__(self, index: int, model: Any) -> None:
+        self.index = index
+        self.model = model
+        self.job: Job | None = None
+        self.cached: list[int] = []  # prompt + generated tokens of the last job (its KV prefix)
+        self.wake = threading.Event()
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+
+class Engine:
+    """Slots plus a bounded FIFO queue. `submit` raises QueueFull when `queue_size` jobs wait."""
+
+    def __init__(self, models: list[Any], *, queue_size: int, on_done: Callable[[Any], None] | None = None) -> None:
+        self.slots = [Slot(i, m) for i, m in enumerate(models)]
+        self.queue_size = queue_size
+        self._queue: collections.deque[Job] = collections.deque()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._on_done = on_done
+        self._threads = [threading.Thread(target=self._work, args=(s,), name=f"qwq-slot-{s.index}", daemon=True)
+                         for s in self.slots]
+        for t in self._threads:
+            t.start()
+
+    # --- the asyncio side ---------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            free = any(not s.busy for s in self.slots)
+            if not free and len(self._queue) >= self.queue_size:
+                raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self._queue)} requests wait")
+            self._queue.append(job)
+            self._dispatch()
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def slots_busy(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    def kv_cells_used(self) -> int:
+        return sum(len(s.cached) for s in self.slots)
+
+    def stop_streams(self) -> None:
+        """Shutdown: cancel running and queued jobs; their streams end with an error event."""
+        with self._lock:
+            self._stopping = True
+            queued = list(self._queue)
+            self._queue.clear()
+            for slot in self.slots:
+                if slot.job is not None:
+                    slot.job.shutdown = True
+                    slot.job.cancel.set()
+        for job in queued:
+            job.shutdown = True
+            job.put(None)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.stop_streams()
+        for slot in self.slots:
+            slot.wake.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    # --- dispatch -----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Give queued jobs (oldest first) to free slots, each to the free slot with the longest
+        common prefix. Called with the lock held."""
+        while self._queue:
+            free = [s for s in self.slots if not s.busy]
+            if not free:
+                return
+            job = self._queue.popleft()
+            if job.cancel.is_set():  # the client left while it waited
+                job.put(None)
+                continue
+            slot = max(free, key=lambda s: common_prefix(s.cached, job.tokens))
+            slot.job = job
+            job.slot = slot.index
+            slot.wake.set()
+
+    def _work(self, slot: Slot) -> None:
+        while True:
+            slot.wake.wait()
+            slot.wake.clear()
+            if self._stopping and slot.job is None:
+                return
+            job = slot.job
+            if job is None:
+                continue
+            reply = None
+            try:
+                for event in job.run(slot.model, job.cancel):
+                    if event.kind == "done":
+                        reply = event.reply
+                    job.put(event)
+                job.put(None)
+            except Exception as exc:  # handed to the request, which maps it to an error object
+                job.put(("error", exc))
+            finally:
+                slot.cached = job.tokens + (list(reply.tokens) if reply is not None else [])
+                if reply is not None and self._on_done is not None:
+                    try:
+                        self._on_done(reply)
+                    except Exception:  # pragma: no cover - metrics must never stop a slot
+                        log.exception("metrics update failed")
+                with self._lock:
+                    slot.job = None
+                    self._dispatch()

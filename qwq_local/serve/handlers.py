@@ -1,0 +1,315 @@
+"""From an OpenAI request to a generation job, and from the model's events to OpenAI's replies
+(whole or as `chat.completion.chunk`s). No HTTP here: app.py routes, this module translates.
+
+Rules kept here (docs/serve.md has them for users):
+- a streamed delta never has both `content` and `reasoning_content` null: the role chunk and the
+  final chunk carry `content: ""` (Alibaba's DashScope loop for QwQ appends `delta.content`
+  whenever `reasoning_content` is null);
+- answer text that may be a `<tool_call>` block is held back until it is known; calls go out as
+  `delta.tool_calls` (id and name first, then the arguments) once the turn has ended;
+- `tool_choice` "none" leaves the tools out of the prompt; "required" or a named function adds a
+  grammar (grammar.py) so that the answer is the call(s) and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from .. import constants
+from ..errors import ContextOverflowError, TemplateError, UsageError
+from ..runtime.decode import Sampling
+from . import grammar as gbnf
+from .engine import Engine, Job, QueueFull
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, chunk
+
+__all__ = ["Prepared", "chat_message", "collect", "prepare_chat", "prepare_completion", "stream_chat",
+           "stream_completion", "submit", "usage_of"]
+
+
+@dataclass
+class Prepared:
+    """A validated request: the prompt, its tokens and the keyword options of stream_prompt."""
+
+    prompt: str
+    tokens: list[int]
+    options: dict
+    include_usage: bool = False
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _sampling(req: Any, model: Any, answer: gbnf.AnswerGrammar | None) -> Sampling:
+    if req.n is not None and req.n > 1:
+        raise _bad("n > 1 is not supported: ask for one choice and send the request again", "n")
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise _bad(f"logit_bias keys are token ids, not {key!r}", "logit_bias") from None
+        if not 0 <= tok < model.n_vocab:
+            raise _bad(f"logit_bias token {tok} is outside the vocabulary (0..{model.n_vocab - 1})", "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise _bad(f"logit_bias values must be in [-100, 100], not {value}", "logit_bias")
+        bias[tok] = float(value)
+    if req.ignore_eos:
+        bias = {**model.eog_bias(), **bias}
+    if answer is not None and req.grammar:
+        raise _bad("give either `grammar` or tool_choice required/named / response_format json, not both", "grammar")
+    g = answer.gbnf if answer is not None else req.grammar
+    return Sampling(
+        temperature=constants.DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+        top_p=constants.DEFAULT_TOP_P if req.top_p is None else req.top_p,
+        top_k=constants.DEFAULT_TOP_K if req.top_k is None else req.top_k,
+        min_p=constants.DEFAULT_MIN_P if req.min_p is None else req.min_p,
+        presence_penalty=constants.DEFAULT_PRESENCE_PENALTY if req.presence_penalty is None else req.presence_penalty,
+        seed=req.seed, grammar=g, logit_bias=bias or None,
+        grammar_trigger_tokens=answer.trigger_tokens if answer is not None else (),
+        grammar_trigger_patterns=answer.trigger_patterns if answer is not None else ())
+
+
+def _tokens(model: Any, prompt: str) -> list[int]:
+    tokens = model.tokenize(prompt)
+    if len(tokens) >= model.n_ctx:
+        raise APIError(400, f"This model's context per slot is {model.n_ctx} tokens, but the prompt has "
+                            f"{len(tokens)} tokens; shorten the messages or start the server with a larger --ctx.",
+                       param="messages", code="context_length_exceeded")
+    return tokens
+
+
+def _stops(stop: Any) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4:
+        raise _bad("stop takes at most 4 sequences", "stop")
+    return [s for s in stops if s]
+
+
+def _answer_grammar(req: ChatCompletionRequest, model: Any, prompt: str) -> gbnf.AnswerGrammar | None:
+    choice = req.tool_choice
+    rules = None
+    if choice == "required" or not isinstance(choice, (str, type(None))):
+        if not req.tools:
+            raise _bad("tool_choice asks for a tool call but the request has no tools", "tool_choice")
+        tools = req.tools
+        if not isinstance(choice, str):
+            tools = [t for t in req.tools if (t.get("function") or {}).get("name") == choice.function.name]
+            if not tools:
+                raise _bad(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                           "tool_choice")
+        try:
+            rules, start = gbnf.tool_call_rules(tools, parallel=choice == "required" and req.parallel_tool_calls
+                                                is not False)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _bad(f"a tool's parameters cannot be enforced: {exc}", "tools") from None
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        if rules is not None:
+            raise _bad("response_format json and a forced tool call cannot both constrain the answer",
+                       "response_format")
+        schema: Any = {"type": "object"}
+        if fmt.type == "json_schema":
+            spec = fmt.json_schema or {}
+            schema = spec.get("schema", spec.get("schema_"))
+            if not isinstance(schema, dict):
+                raise _bad("response_format json_schema needs {'name': ..., 'schema': {...}}", "response_format")
+        try:
+            rules, start = gbnf.json_rules(schema, "qwq-answer"), "qwq-answer"
+        except ValueError as exc:
+            raise _bad(str(exc), "response_format") from None
+    if rules is None:
+        return None
+    return gbnf.answer_grammar(rules, start, in_thought=gbnf.prompt_opens_thought(prompt),
+                               close_tokens=model.think_close_tokens)
+
+
+def prepare_chat(req: ChatCompletionRequest, model: Any) -> Prepared:
+    """Validate a chat request against the model; raises APIError (400) for bad input."""
+    tools = req.tools if req.tools and req.tool_choice != "none" else None
+    try:
+        prompt = model.render_prompt(req.messages, tools=tools)
+    except (TemplateError, UsageError) as exc:
+        raise _bad(f"messages: {exc}", "messages") from None
+    answer = _answer_grammar(req, model, prompt)
+    sampling = _sampling(req, model, answer)
+    try:
+        sampling.check()
+    except UsageError as exc:
+        raise _bad(str(exc)) from None
+    budget = req.thinking_budget if req.thinking_budget is not None else req.thinking_budget_tokens
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    options = {"sampling": sampling, "max_tokens": max_tokens, "thinking_budget": budget, "stop": _stops(req.stop)}
+    return Prepared(prompt, _tokens(model, prompt), options,
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+
+
+def prepare_completion(req: CompletionRequest, model: Any) -> Prepared:
+    sampling = _sampling(req, model, None)
+    options = {"sampling": sampling, "max_tokens": req.max_tokens, "stop": _stops(req.stop)}
+    if not req.prompt:
+        raise _bad("prompt is empty", "prompt")
+    return Prepared(req.prompt, _tokens(model, req.prompt), options,
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+
+
+def submit(engine: Engine, prepared: Prepared) -> Job:
+    """Queue a job; 503 with Retry-After when the queue is full."""
+    options = prepared.options
+
+    def run(model, cancel):
+        return model.stream_prompt(prepared.prompt, cancel=cancel, **options)
+
+    job = Job(run=run, tokens=prepared.tokens, loop=asyncio.get_running_loop())
+    try:
+        engine.submit(job)
+    except QueueFull as exc:
+        raise APIError(503, f"server busy: {exc}; retry shortly", type="server_error", code="server_busy",
+                       headers={"Retry-After": "1"}) from None
+    return job
+
+
+async def _events(job: Job) -> AsyncIterator[Any]:
+    """The job's events until it ends; a fault in the slot becomes an exception here."""
+    while True:
+        item = await job.events.get()
+        if item is None:
+            if job.shutdown:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutdown")
+            return
+        if isinstance(item, tuple) and item and item[0] == "error":
+            exc = item[1]
+            if isinstance(exc, ContextOverflowError):
+                raise APIError(400, str(exc), param="messages", code="context_length_exceeded")
+            if isinstance(exc, (UsageError, TemplateError)):
+                raise _bad(str(exc))
+            raise exc
+        yield item
+
+
+async def collect(job: Job, is_disconnected) -> Any:
+    """The reply of a non-streamed request; the job is cancelled if the client goes away."""
+    reply = None
+    checked = time.monotonic()
+    try:
+        async for event in _events(job):
+            if event.kind == "done":
+                reply = event.reply
+            elif time.monotonic() - checked > constants.SERVE_DISCONNECT_CHECK_S:
+                # Asking the ASGI server costs a receive() per call: a few times a second, not per token.
+                checked = time.monotonic()
+                if await is_disconnected():
+                    job.cancel.set()
+    finally:
+        job.cancel.set()  # no-op once finished; frees the slot if this request was cancelled
+    if reply is not None and job.shutdown:
+        raise APIError(503, "the server is shutting down", type="server_error", code="shutdown")
+    return reply
+
+
+def usage_of(reply: Any) -> dict:
+    u = reply.usage
+    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["total_tokens"],
+            "completion_tokens_details": {"reasoning_tokens": u.get("thinking_tokens", 0)},
+            "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)}}
+
+
+def finish_reason(reply: Any) -> str:
+    return "length" if reply.finish_reason in ("length", "interrupted") else reply.finish_reason
+
+
+def chat_message(reply: Any) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content, "reasoning_content": reply.thinking}
+    if reply.tool_calls:
+        message["tool_calls"] = reply.tool_calls
+    return message
+
+
+class _AnswerHold:
+    """Answer text goes out at once unless it may be the start of a `<tool_call>` block or the
+    whitespace the call parser strips; that part waits for the end of the turn."""
+
+    def __init__(self) -> None:
+        self.sent = ""
+        self.pending = ""
+        self.blocked = False
+
+    def feed(self, text: str) -> str:
+        if self.blocked:
+            self.pending += text
+            return ""
+        self.pending += text
+        at = self.pending.find(constants.TOOL_CALL_OPEN)
+        if at >= 0:
+            self.blocked = True
+            out, self.pending = self.pending[:at], self.pending[at:]
+        else:
+            keep = next((n for n in range(min(len(self.pending), len(constants.TOOL_CALL_OPEN) - 1), 0, -1)
+                         if self.pending.endswith(constants.TOOL_CALL_OPEN[:n])), 0)
+            out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        stripped = out.rstrip()
+        self.pending = out[len(stripped):] + self.pending
+        out = stripped
+        if not self.sent:
+            out = out.lstrip()  # the parser strips the answer's start as well
+        self.sent += out
+        return out
+
+    def rest(self, final: str) -> str:
+        """What is left to send so that the streamed text equals the reply's content."""
+        return final[len(self.sent):] if final.startswith(self.sent) else ""
+
+
+async def stream_chat(job: Job, *, cid: str, model_id: str, created: int, include_usage: bool
+                      ) -> AsyncIterator[dict]:
+    """`chat.completion.chunk` bodies for sse-starlette; an error mid-stream becomes an
+    `{"error": ...}` event. The job is cancelled when the client goes away."""
+    yield chunk(cid, model_id, created, delta={"role": "assistant", "content": ""})
+    hold = _AnswerHold()
+    try:
+        async for event in _events(job):
+            if event.kind == "thinking":
+                yield chunk(cid, model_id, created, delta={"reasoning_content": event.text})
+            elif event.kind == "content":
+                text = hold.feed(event.text)
+                if text:
+                    yield chunk(cid, model_id, created, delta={"content": text})
+            elif event.kind == "done":
+                reply = event.reply
+                rest = hold.rest(reply.content)
+                if rest:
+                    yield chunk(cid, model_id, created, delta={"content": rest})
+                for i, call in enumerate(reply.tool_calls):
+                    fn = call["function"]
+                    yield chunk(cid, model_id, created, delta={"content": "", "tool_calls": [
+                        {"index": i, "id": call["id"], "type": "function",
+                         "function": {"name": fn["name"], "arguments": ""}}]})
+                    yield chunk(cid, model_id, created, delta={"content": "", "tool_calls": [
+                        {"index": i, "function": {"arguments": fn["arguments"]}}]})
+                if job.shutdown:
+                    raise APIError(503, "the server is shutting down", type="server_error", code="shutdown")
+                yield chunk(cid, model_id, created, delta={"content": ""}, finish_reason=finish_reason(reply))
+                if include_usage:
+                    yield chunk(cid, model_id, created, usage=usage_of(reply))
+    finally:
+        job.cancel.set()
+
+
+async def stream_completion(job: Job, *, cid: str, model_id: str, created: int, include_usage: bool
+                            ) -> AsyncIterator[dict]:
+    """`text_completion` chunks of a raw prompt (thought and answer text alike)."""
+    try:
+        async for event in _events(job):
+            if event.kind in ("thinking", "content"):
+                yield chunk(cid, model_id, created, delta={"content": event.text}, object="text_completion")
+            elif event.kind == "done":
+                yield chunk(cid, model_id, created, delta={"content": ""}, object="text_completion",
+                            finish_reason=finish_reason(event.reply))
+                if include_usage:
+                    yield chunk(cid, model_id, created, usage=usage_of(event.reply), object="text_completion")
+    finally:
+        job.cancel.set()

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one server (its own registry, so several apps in one process, as in
+the tests, do not collide): requests, tokens, tokens/s, queue depth, slots busy, KV cells used."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self, *, queue_depth: Callable[[], int], slots_busy: Callable[[], int],
+                 kv_cells: Callable[[], int]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("qwq_local_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("qwq_local_prompt_tokens", "Prompt tokens of finished generations", registry=r)
+        self.prompt_tokens_cached = Counter("qwq_local_prompt_tokens_cached",
+                                            "Prompt tokens reused from a slot's KV cache", registry=r)
+        self.completion_tokens = Counter("qwq_local_completion_tokens", "Generated tokens (thought included)",
+                                         registry=r)
+        self.tokens_per_second = Gauge("qwq_local_generation_tokens_per_second",
+                                       "Generation speed of the last finished request (tokens/s)", registry=r)
+        Gauge("qwq_local_queue_depth", "Requests waiting for a slot", registry=r).set_function(queue_depth)
+        Gauge("qwq_local_slots_busy", "Slots generating now", registry=r).set_function(slots_busy)
+        Gauge("qwq_local_kv_cells_used", "KV cache cells holding tokens, all slots", registry=r).set_function(kv_cells)
+
+    def on_reply(self, reply: Any) -> None:
+        usage = reply.usage
+        self.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+        self.prompt_tokens_cached.inc(usage.get("cached_tokens", 0))
+        self.completion_tokens.inc(usage.get("completion_tokens", 0))
+        if reply.timings.get("gen_tps"):
+            self.tokens_per_second.set(reply.timings["gen_tps"])
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
