@@ -446,6 +446,30 @@ class Context:
             raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
         self.n_past += 1
 
+    def decode_verify(self, tokens: Sequence[int]):
+        """Decode tokens (at most n_batch) after what is cached, in one llama_decode, with logits
+        for every position: the verification batch of speculative decoding. Returns a numpy
+        float32 view of shape (len(tokens), n_vocab), row i the logits after tokens[i]; valid
+        until the next decode on this context."""
+        import numpy as np
+
+        lib = llama()
+        n = len(tokens)
+        if not 0 < n <= self.n_batch or self.n_past + n > self.n_ctx:
+            raise UsageError(f"a verification batch of {n} tokens at position {self.n_past} does not fit "
+                             f"n_batch {self.n_batch} / n_ctx {self.n_ctx}")
+        batch = self._batch
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = self.n_past + i
+            batch.logits[i] = True
+        batch.n_tokens = n
+        rc = lib.llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
+        self.n_past += n
+        return np.ctypeslib.as_array(lib.llama_get_logits(self.ptr), shape=(n, self.model.n_vocab))
+
     def logits(self, i: int = -1):
         """A numpy float32 view of the logits of output i (-1: the last one decoded)."""
         import numpy as np

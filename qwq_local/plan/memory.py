@@ -48,9 +48,12 @@ class MemoryPlan:
     fits: bool | None = None
     reason: str = ""
     compute_source: str = "formula"  # or "llama.cpp dry run"
+    # The speculative-decoding draft model's own plan (weights, KV, compute), counted in total().
+    draft: "MemoryPlan | None" = None
 
     def total(self, device: str) -> int:
-        return sum(part.get(device, 0) for part in (self.weights, self.kv, self.compute, self.output))
+        own = sum(part.get(device, 0) for part in (self.weights, self.kv, self.compute, self.output))
+        return own + (self.draft.total(device) if self.draft is not None else 0)
 
     @property
     def total_bytes(self) -> int:
@@ -81,6 +84,7 @@ class MemoryPlan:
             "weights_logged_bytes": dev(self.weights_logged),
             "logged_total_bytes": self.logged_total_bytes,
             "vram_bytes": self.vram, "ram_bytes": self.ram, "fits": self.fits, "reason": self.reason,
+            "draft": self.draft.to_dict() if self.draft is not None else None,
         }
 
 
@@ -128,7 +132,8 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
          n_ubatch: int = constants.DEFAULT_N_UBATCH, gpu_layers: int | str = 0,
          vram: int | None = None, ram: int | None = None, use_mmap: bool = True,
          offload_kqv: bool = True, repack: bool | None = None, logits_all: bool = False,
-         dry_run: bool = False) -> MemoryPlan:
+         dry_run: bool = False, draft: Path | str | ModelShape | None = None,
+         draft_gpu_layers: int | str = 0) -> MemoryPlan:
     """Predict llama.cpp's allocations for `model` (a GGUF path) with these settings.
 
     gpu_layers: a number (0 = CPU only, n_layer + 1 or -1 = everything) or "auto" (see
@@ -140,13 +145,16 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
     dry_run: take the compute buffers from llama.cpp itself (a metadata-only load of this file
     with these settings: exact for this build; used where the build can place the layers as
     planned, i.e. CPU-only plans or builds with GPU offload).
+    draft: a speculative-decoding draft GGUF, planned with the same context and KV settings at
+    draft_gpu_layers (its own context: QwQ.load(draft=...)); its bytes count in the totals and
+    the fit (plan.draft holds its breakdown).
     """
     shape = read_shape(model)
     kv_type = kv_type.lower()
     if isinstance(gpu_layers, str) and gpu_layers.strip().lower() == "auto":
         fit = auto_gpu_layers(shape, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
                               n_ubatch=n_ubatch, vram=vram, ram=ram, use_mmap=use_mmap, repack=repack,
-                              dry_run=dry_run or None)
+                              dry_run=dry_run or None, draft=draft, draft_gpu_layers=draft_gpu_layers)
         return fit.plan
     if n_ctx <= 0:
         raise UsageError(f"n_ctx must be positive, not {n_ctx}")
@@ -236,6 +244,10 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
         model=str(shape.path), gpu_layers=ngl, n_layer=n_layer, n_ctx=ctx, n_ctx_requested=int(n_ctx),
         n_batch=batch, n_ubatch=ubatch, kv_type=kv_type, flash_attn=fa, repack=bool(repack), compute_source=source,
         weights=weights, weights_logged=logged, kv=kv, compute=compute, output=output)
+    if draft is not None:
+        result.draft = plan(draft, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
+                            n_ubatch=n_ubatch, gpu_layers=draft_gpu_layers, vram=vram, ram=ram, use_mmap=use_mmap,
+                            offload_kqv=offload_kqv, repack=repack, dry_run=dry_run)
     _check_fit(result, vram=vram, ram=ram)
     return result
 
@@ -310,12 +322,14 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
                     kv_type: str = "f16", flash_attn: bool | None = None,
                     n_batch: int = constants.DEFAULT_N_BATCH, n_ubatch: int = constants.DEFAULT_N_UBATCH,
                     vram: int | None = None, ram: int | None = None, min_ctx: int = constants.PLAN_MIN_CTX,
-                    use_mmap: bool = True, repack: bool | None = None, dry_run: bool | None = None) -> AutoFit:
+                    use_mmap: bool = True, repack: bool | None = None, dry_run: bool | None = None,
+                    draft: Path | str | ModelShape | None = None, draft_gpu_layers: int | str = 0) -> AutoFit:
     """The most GPU layers that fit free VRAM and RAM (each minus a margin) at n_ctx; if nothing
     fits, the largest context (a multiple of 256) down to `min_ctx` at which something does.
 
     dry_run: size compute buffers with llama.cpp's metadata-only load (default: on builds with
-    GPU offload when a GPU is in play; see plan()).
+    GPU offload when a GPU is in play; see plan()). draft/draft_gpu_layers: a draft model whose
+    memory is reserved first (see plan()).
     Returns AutoFit(gpu_layers, n_ctx, reason, plan), which also unpacks as a 3-tuple. On a
     build without GPU offload (or with vram=0) gpu_layers is 0. Raises InsufficientMemoryError
     with the numbers and alternatives when even CPU-only at `min_ctx` does not fit.
@@ -334,7 +348,8 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
 
         dry_run = max_layers > 0 and hardware.build().gpu_offload
     kw = dict(kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, dry_run=dry_run,
-              vram=vram, ram=ram, use_mmap=use_mmap, repack=repack)
+              vram=vram, ram=ram, use_mmap=use_mmap, repack=repack,
+              draft=read_shape(draft) if draft is not None else None, draft_gpu_layers=draft_gpu_layers)
 
     def best_at(ctx: int) -> tuple[MemoryPlan | None, MemoryPlan]:
         """The plan with the most GPU layers that fits at `ctx` (None if none does), and the

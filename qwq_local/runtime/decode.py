@@ -69,10 +69,12 @@ class Sampling:
             raise UsageError(f"presence_penalty must be in [-2, 2], not {self.presence_penalty}")
 
 
-def build_sampler(lib, model, sampling: Sampling, *, penalty_window: int):
+def build_sampler(lib, model, sampling: Sampling, *, penalty_window: int, dist: bool = True):
     """A llama.cpp sampler chain in the card's order:
     [logit bias] [grammar] [presence penalty] top_k -> top_p -> min_p -> temperature -> dist(seed).
-    The caller frees it with lib.llama_sampler_free."""
+    dist=False leaves the final draw out: the chain then only shapes the candidates (speculative
+    decoding draws itself, see speculative.TargetSampler). The caller frees it with
+    lib.llama_sampler_free."""
     sampling.check()
     params = lib.llama_sampler_chain_default_params()
     params.no_perf = True
@@ -107,6 +109,8 @@ def build_sampler(lib, model, sampling: Sampling, *, penalty_window: int):
     add(chain, lib.llama_sampler_init_top_p(float(sampling.top_p), 1))
     add(chain, lib.llama_sampler_init_min_p(float(sampling.min_p), 1))
     add(chain, lib.llama_sampler_init_temp(float(sampling.temperature)))
+    if not dist:
+        return chain
     seed = lib.LLAMA_DEFAULT_SEED if sampling.seed is None else int(sampling.seed) & 0xFFFFFFFF
     add(chain, lib.llama_sampler_init_dist(seed))
     return chain
@@ -127,7 +131,8 @@ class Reply:
     usage: prompt_tokens; completion_tokens (sampled, the final end token excluded);
     thinking_tokens (sampled before the thought closed, `</think>` included); cached_tokens
     (prompt tokens reused from the KV cache) and prompt_tokens_decoded (the rest);
-    injected_tokens (the thought-closing text the runtime fed in); total_tokens.
+    injected_tokens (the thought-closing text the runtime fed in); total_tokens;
+    draft_tokens and draft_accepted_tokens (speculative decoding: proposals verified, and kept).
     timings: prompt_s, prompt_tps (decoded prompt tokens/s), gen_s, gen_tps, total_s.
     tokens: the sampled token ids.
     """
@@ -209,6 +214,8 @@ class LoopState:
     thinking_tokens: int = 0
     injected_tokens: int = 0
     gen_seconds: float = 0.0
+    draft_tokens: int = 0           # tokens a drafter proposed (speculative decoding)
+    draft_accepted_tokens: int = 0  # of those, the ones verification kept
 
 
 def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset[int],
