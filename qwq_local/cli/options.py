@@ -71,3 +71,10 @@ SEED = typer.Option(None, "--seed", help="Sampling seed (default: random).")
 SYSTEM = typer.Option(None, "--system", help="System prompt.")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end tokens (until --max-tokens or "
                                                  "the context end), as llama.cpp's --ignore-eos.")
+DRAFT = typer.Option(constants.DEFAULT_DRAFT, "--draft",
+                     help="Speculative decoding: ngram (self-speculation from the context) or a small GGUF with "
+                          "QwQ's vocabulary (e.g. a Qwen2.5-0.5B quant). Same output, sometimes faster.")
+DRAFT_MAX = typer.Option(constants.DEFAULT_DRAFT_MAX, "--draft-max", help="Most tokens proposed per verification batch.")
+DRAFT_MIN = typer.Option(constants.DEFAULT_DRAFT_MIN, "--draft-min", help="Fewest tokens worth verifying as a batch.")
+DRAFT_GPU = typer.Option(None, "--draft-gpu-layers",
+                         help="Draft model layers on the GPU (default: all where a GPU is usable, else 0).")

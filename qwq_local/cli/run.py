@@ -13,7 +13,9 @@ from .app import command, err
 
 
 def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int], seed: Optional[int],
-                template: str, kv_type: str, flash_attn: Optional[bool] = None):
+                template: str, kv_type: str, flash_attn: Optional[bool] = None, draft: Optional[str] = None,
+                draft_max: int = constants.DEFAULT_DRAFT_MAX, draft_min: int = constants.DEFAULT_DRAFT_MIN,
+                draft_gpu_layers: Optional[int] = None):
     import warnings
 
     from ..runtime.model import QwQ
@@ -23,7 +25,8 @@ def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int],
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         llm = QwQ.load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                       kv_type=kv_type, flash_attn=flash_attn)
+                       kv_type=kv_type, flash_attn=flash_attn, draft=draft, draft_max=draft_max, draft_min=draft_min,
+                       draft_gpu_layers=draft_gpu_layers)
     for warning in caught:
         err(f"warning: {warning.message}")
     return llm
@@ -56,6 +59,10 @@ def run_cmd(
     kv_type: str = opts.KV,
     flash_attn: Optional[bool] = opts.FA,
     ignore_eos: bool = opts.IGNORE_EOS,
+    draft: Optional[str] = opts.DRAFT,
+    draft_max: int = opts.DRAFT_MAX,
+    draft_min: int = opts.DRAFT_MIN,
+    draft_gpu_layers: Optional[int] = opts.DRAFT_GPU,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the thought."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (thinking, content, tool_calls, "
                                                       "finish_reason, usage, timings)."),
@@ -77,7 +84,8 @@ def run_cmd(
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
                                 ignore_eos=ignore_eos)
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                     kv_type=kv_type, flash_attn=flash_attn) as llm:
+                     kv_type=kv_type, flash_attn=flash_attn, draft=draft, draft_max=draft_max,
+                     draft_min=draft_min, draft_gpu_layers=draft_gpu_layers) as llm:
         if as_json:
             reply = llm.chat(messages, **options)
             typer.echo(json.dumps(reply.to_dict(), ensure_ascii=False))
@@ -111,6 +119,10 @@ def chat_cmd(
     kv_type: str = opts.KV,
     flash_attn: Optional[bool] = opts.FA,
     ignore_eos: bool = opts.IGNORE_EOS,
+    draft: Optional[str] = opts.DRAFT,
+    draft_max: int = opts.DRAFT_MAX,
+    draft_min: int = opts.DRAFT_MIN,
+    draft_gpu_layers: Optional[int] = opts.DRAFT_GPU,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Start with the thought hidden (/think show)."),
 ) -> None:
     """Interactive chat with history (/help inside for commands; Ctrl-C stops an answer)."""
@@ -123,7 +135,8 @@ def chat_cmd(
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
                                 ignore_eos=ignore_eos)
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                     kv_type=kv_type, flash_attn=flash_attn) as llm:
+                     kv_type=kv_type, flash_attn=flash_attn, draft=draft, draft_max=draft_max,
+                     draft_min=draft_min, draft_gpu_layers=draft_gpu_layers) as llm:
         code = repl(llm, system=system, options=options, show_thinking=not hide_thinking)
     raise typer.Exit(code)
 
@@ -137,9 +150,14 @@ def bench_cmd(
     gpu_layers: str = opts.GPU,
     kv_type: str = opts.KV,
     repetitions: int = typer.Option(1, "--repetitions", "-r", help="Runs to average."),
+    draft: Optional[str] = opts.DRAFT,
+    draft_max: int = opts.DRAFT_MAX,
+    draft_min: int = opts.DRAFT_MIN,
+    draft_gpu_layers: Optional[int] = opts.DRAFT_GPU,
+
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Prompt (pp) and generation (tg) speed, like llama-bench."""
+    """Prompt (pp) and generation (tg) speed, like llama-bench (with --draft: tg with and without)."""
     import json
 
     from ..errors import UsageError
@@ -152,7 +170,8 @@ def bench_cmd(
         raise UsageError(f"--prompt-tokens + --gen-tokens must stay under the {constants.MAX_CONTEXT}-token "
                          f"context limit, not {prompt_tokens} + {gen_tokens}")
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=0, template="original",
-                     kv_type=kv_type) as llm:
+                     kv_type=kv_type, draft=draft, draft_max=draft_max, draft_min=draft_min,
+                     draft_gpu_layers=draft_gpu_layers) as llm:
         result = llm.bench(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repetitions=repetitions)
     if as_json:
         typer.echo(json.dumps(result))
@@ -162,6 +181,11 @@ def bench_cmd(
                f"extra buffers (AMX/repack) {'on' if result['extra_bufts'] else 'off'}")
     typer.echo(f"pp{prompt_tokens:<7} {result['pp_tps']:10.1f} tokens/s")
     typer.echo(f"tg{gen_tokens:<7} {result['tg_tps']:10.1f} tokens/s")
+    if "tg_draft_tps" in result:
+        drafted, kept = result["draft_tokens"], result["draft_accepted_tokens"]
+        rate = f"{kept}/{drafted} proposals kept" if drafted else "no proposals verified"
+        typer.echo(f"tg{gen_tokens:<7} {result['tg_draft_tps']:10.1f} tokens/s with --draft {result['draft']} "
+                   f"({result['tg_draft_tps'] / result['tg_tps']:.2f}x; {rate})")
 
 
 @command("demo")
