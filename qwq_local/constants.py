@@ -177,6 +177,8 @@ SPEC_DECAY = 0.85
 # When speculation does not pay off, plain decoding for a pause that doubles up to this many
 # tokens before the next probe.
 SPEC_MAX_PAUSE = 256
+# Proposals asked for by a probe round after a pause.
+SPEC_PROBE_LENGTH = 4
 # A one-token decode is re-timed after this many rounds (its cost drifts with the context).
 SPEC_RETIME_ROUNDS = 64
 # Target and draft vocabularies may differ in size by this many (padding) rows, as llama.cpp's

@@ -314,7 +314,7 @@ class AdaptiveLength:
             return best
         if self._probe:
             self._probe = False
-            return self.draft_min
+            return max(self.draft_min, min(constants.SPEC_PROBE_LENGTH, self.draft_max))
         self._backoff = min(max(2 * self._backoff, 4), constants.SPEC_MAX_PAUSE)
         self._pause = self._backoff
         self._probe = True
@@ -327,6 +327,8 @@ class AdaptiveLength:
     def record_round(self, proposed: int, kept: int, *, verify_s: float, draft_s: float = 0.0) -> None:
         """One verification round: `proposed` tokens of which the first `kept` were kept."""
         d = constants.SPEC_DECAY
+        if proposed and kept == proposed:
+            self._backoff = self._pause = 0  # a round that kept everything: look again soon
         self.kept = d * self.kept + kept
         self.trials = d * self.trials + kept + (1 if kept < proposed else 0)
         if self.t_one and proposed:

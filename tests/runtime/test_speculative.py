@@ -56,20 +56,21 @@ def other_gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain(sharp_gguf):
-    m = QwQ.load(sharp_gguf, n_ctx=1024, gpu_layers=0, seed=1)
+    m = QwQ.load(sharp_gguf, n_ctx=1024, gpu_layers=0, seed=1, threads=1)
     yield m
     m.close()
 
 
 @pytest.fixture(scope="module")
 def plain_flat(tiny_gguf_f32):
-    m = QwQ.load(tiny_gguf_f32, n_ctx=1024, gpu_layers=0, seed=1)
+    m = QwQ.load(tiny_gguf_f32, n_ctx=1024, gpu_layers=0, seed=1, threads=1)
     yield m
     m.close()
 
 
 def load(path, draft, *, fixed: bool = False, draft_max: int = 4, **kw):
-    m = QwQ.load(path, n_ctx=1024, gpu_layers=0, seed=1, draft=str(draft), draft_max=draft_max, **kw)
+    # One thread: on a shared 2-core machine two threads wait on each other (10x slower).
+    m = QwQ.load(path, n_ctx=1024, gpu_layers=0, seed=1, threads=1, draft=str(draft), draft_max=draft_max, **kw)
     m.speculator.adaptive.fixed = fixed
     return m
 
@@ -77,7 +78,7 @@ def load(path, draft, *, fixed: bool = False, draft_max: int = 4, **kw):
 def margins(path, prompt_tokens: list[int], generated: list[int]) -> list[float]:
     """Top-1 minus top-2 logit at each generated position, from one-token decodes."""
     model = backend.Model.load(path)
-    ctx = backend.Context(model, n_ctx=1024, n_threads=1)
+    ctx = backend.Context(model, n_ctx=1024, n_threads=1)  # same numerics as the threads=1 models
     try:
         ctx.decode(prompt_tokens, start_pos=0)
         out = []
@@ -242,11 +243,14 @@ N_SEEDS = 300
 POSITIONS = (1, 2, 3)  # position 0 is drawn before any proposal exists
 
 
-def first_tokens(m, seeds, **kw) -> list[list[int]]:
+def first_tokens(m, seeds, usage: dict | None = None) -> list[list[int]]:
     out = []
     for s in seeds:
-        r = m.chat(USER, max_tokens=max(POSITIONS) + 1, ignore_eos=True, seed=s, **SAMPLING, **kw)
+        r = m.chat(USER, max_tokens=max(POSITIONS) + 1, ignore_eos=True, seed=s, **SAMPLING)
         out.append(r.tokens)
+        if usage is not None:
+            for key in ("draft_tokens", "draft_accepted_tokens"):
+                usage[key] = usage.get(key, 0) + r.usage[key]
     return out
 
 
@@ -266,11 +270,15 @@ def plain_samples(plain_flat):
 def test_sampling_distribution_is_unchanged(tiny_gguf_f32, other_gguf, plain_samples, draft):
     m = load(tiny_gguf_f32, tiny_gguf_f32 if draft == "self" else other_gguf, fixed=True, draft_max=3)
     try:
-        spec = first_tokens(m, range(10_000, 10_000 + N_SEEDS))
-        drafted = m.chat(USER, max_tokens=8, ignore_eos=True, seed=1, **SAMPLING).usage
+        drafted: dict = {}
+        spec = first_tokens(m, range(10_000, 10_000 + N_SEEDS), drafted)
     finally:
         m.close()
-    assert drafted["draft_tokens"] > 0 and 0 < drafted["draft_accepted_tokens"] <= drafted["draft_tokens"]
+    kept, rejected = drafted["draft_accepted_tokens"], drafted["draft_tokens"] - drafted["draft_accepted_tokens"]
+    if draft == "self":  # its greedy proposals: kept with probability p(x), often both ways
+        assert kept > 50 and rejected > 50, drafted
+    else:                # another model's proposals: nearly always the residual draw
+        assert rejected > 500, drafted
     for pos in POSITIONS:
         p = homogeneity_p([t[pos] for t in plain_samples], [t[pos] for t in spec])
         assert p > 1e-3, (pos, p)
@@ -312,15 +320,24 @@ def test_adaptive_length_backs_off_and_comes_back():
     a = AdaptiveLength(draft_min=1, draft_max=8)
     assert a.next_length() == 0          # first: time a plain decode
     a.record_plain(0.010)
-    assert a.next_length() > 0
-    for _ in range(20):                  # proposals never kept, batches cost 40% per position
-        a.record_round(4, 0, verify_s=0.010 * (1 + 0.4 * 4))
-    lengths = [a.next_length() for _ in range(300)]
-    assert lengths.count(0) > 250        # mostly plain decoding
-    assert any(k > 0 for k in lengths)   # ... with probes
-    for _ in range(30):                  # then everything is kept and batches are cheap
-        a.record_round(8, 8, verify_s=0.012)
-    assert [a.next_length() for _ in range(300)].count(8) > 250
+
+    def run(steps: int, kept_share: float, cost: float) -> list[int]:
+        """Drive it as the loop does: rounds of k proposals or plain decodes of 10 ms."""
+        lengths = []
+        for _ in range(steps):
+            k = a.next_length()
+            lengths.append(k)
+            if k:
+                a.record_round(k, int(k * kept_share), verify_s=0.010 * (1 + cost * k))
+            else:
+                a.record_plain(0.010)
+        return lengths
+
+    bad = run(400, 0.0, 0.4)             # proposals never kept, a batch position costs 40%
+    assert bad[-300:].count(0) > 290     # backed off to plain decoding...
+    assert any(k > 0 for k in bad[-300:])  # ... with probes now and then
+    good = run(600, 1.0, 0.02)           # then everything is kept and batches are cheap
+    assert good[-300:].count(8) > 290    # a probe found it out: back to full length
     with pytest.raises(UsageError):
         AdaptiveLength(draft_min=3, draft_max=2)
 
