@@ -285,6 +285,14 @@ class AdaptiveLength:
         self._backoff = 0
         self._probe = False
 
+    def start(self) -> None:
+        """A new request: acceptance starts from the prior again (another text), the pause ends;
+        the measured costs stay (same model, same machine)."""
+        self.kept = constants.SPEC_PRIOR_ACCEPT * 2.0
+        self.trials = 2.0
+        self._pause = self._backoff = 0
+        self._probe = False
+
     @property
     def rate(self) -> float:
         return self.kept / self.trials if self.trials > 0 else 0.0
@@ -327,8 +335,6 @@ class AdaptiveLength:
     def record_round(self, proposed: int, kept: int, *, verify_s: float, draft_s: float = 0.0) -> None:
         """One verification round: `proposed` tokens of which the first `kept` were kept."""
         d = constants.SPEC_DECAY
-        if proposed and kept == proposed:
-            self._backoff = self._pause = 0  # a round that kept everything: look again soon
         self.kept = d * self.kept + kept
         self.trials = d * self.trials + kept + (1 if kept < proposed else 0)
         if self.t_one and proposed:

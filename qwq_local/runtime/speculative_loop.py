@@ -74,9 +74,13 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
     def budget_spent() -> bool:
         return thinking == budget and splitter.in_thinking
 
+    # The KV cache must hold history + what `decoded` gains, also when the caller closes this
+    # generator in the middle of a round (a stop string found in a kept proposal).
+    kv_base = len(history) - len(decoded)
     started = clock()
     try:
         drafter.start(history)
+        adaptive.start()
         pending = sampler.sample(ctx.logits(-1))
         while True:
             if cancelled is not None and cancelled():
@@ -157,6 +161,8 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
             yield from feed(tail)
         yield from splitter.finish()
     finally:
+        if ctx.n_past > kv_base + len(decoded):
+            ctx.truncate(kv_base + len(decoded))
         state.thinking_tokens = thinking
         state.gen_seconds = clock() - started
 

@@ -174,6 +174,9 @@ def test_budget_stops_and_end_tokens_equal_plain(sharp_gguf, plain, options):
     try:
         ref = greedy(plain, **options)
         got = greedy(m, **options)
+        # Whatever ended the turn (also a stop string inside a kept proposal), the KV cache
+        # holds what the model object records, for the next turn to reuse.
+        assert m._ctx.n_past == len(m._cached) > 0
     finally:
         m.close()
     assert got.tokens == ref.tokens
