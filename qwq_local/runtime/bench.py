@@ -38,25 +38,22 @@ def bench(qwq, model: backend.Model, ctx: backend.Context, *, prompt_tokens: int
             state = LoopState()
             loop_options = dict(stop_ids=frozenset(), max_tokens=gen_tokens + 1, thinking_budget=None,
                                 close_tokens=(), close_text="", cancel=None, n_ctx=qwq.n_ctx)
-            if speculative:
-                from .speculative_loop import run_speculative_loop
+            chain = build_sampler(lib, model, sampling, penalty_window=64)
+            try:
+                if speculative:
+                    from .speculative_loop import run_speculative_loop
 
-                target = qwq.speculator.sampler_class(lib, model, sampling, penalty_window=64)
-                try:
+                    target = qwq.speculator.sampler_class(lib, chain, ctx)
                     for _ in run_speculative_loop(lib, ctx, qwq.speculator, target, state, ThinkingSplitter(),
                                                   history=prompt, **loop_options):
                         pass
-                finally:
-                    target.free()
-                drafted += state.draft_tokens
-                kept += state.draft_accepted_tokens
-            else:
-                chain = build_sampler(lib, model, sampling, penalty_window=64)
-                try:
+                    drafted += state.draft_tokens
+                    kept += state.draft_accepted_tokens
+                else:
                     for _ in run_loop(lib, ctx, chain, state, ThinkingSplitter(), **loop_options):
                         pass
-                finally:
-                    lib.llama_sampler_free(chain)
+            finally:
+                lib.llama_sampler_free(chain)
             tg[speculative].append(len(state.decoded) / state.gen_seconds)
     qwq.reset()
     result = {"pp_tps": sum(pp) / len(pp), "tg_tps": sum(tg[False]) / len(tg[False]),

@@ -69,12 +69,10 @@ class Sampling:
             raise UsageError(f"presence_penalty must be in [-2, 2], not {self.presence_penalty}")
 
 
-def build_sampler(lib, model, sampling: Sampling, *, penalty_window: int, dist: bool = True):
+def build_sampler(lib, model, sampling: Sampling, *, penalty_window: int):
     """A llama.cpp sampler chain in the card's order:
     [logit bias] [grammar] [presence penalty] top_k -> top_p -> min_p -> temperature -> dist(seed).
-    dist=False leaves the final draw out: the chain then only shapes the candidates (speculative
-    decoding draws itself, see speculative.TargetSampler). The caller frees it with
-    lib.llama_sampler_free."""
+    The caller frees it with lib.llama_sampler_free."""
     sampling.check()
     params = lib.llama_sampler_chain_default_params()
     params.no_perf = True
@@ -109,8 +107,6 @@ def build_sampler(lib, model, sampling: Sampling, *, penalty_window: int, dist: 
     add(chain, lib.llama_sampler_init_top_p(float(sampling.top_p), 1))
     add(chain, lib.llama_sampler_init_min_p(float(sampling.min_p), 1))
     add(chain, lib.llama_sampler_init_temp(float(sampling.temperature)))
-    if not dist:
-        return chain
     seed = lib.LLAMA_DEFAULT_SEED if sampling.seed is None else int(sampling.seed) & 0xFFFFFFFF
     add(chain, lib.llama_sampler_init_dist(seed))
     return chain

@@ -122,7 +122,6 @@ class QwQ:
         quant), loaded with its own context and draft_gpu_layers (None: all layers where this
         llama.cpp offloads to a GPU, else 0), and counted by the memory plan. Each round
         verifies between draft_min and draft_max proposals, as the adaptive length chooses.
-        Requests with a grammar decode plainly.
         """
         from ..chat.template import select_template
 
@@ -263,7 +262,7 @@ class QwQ:
         max_tokens or the context end). cancel: a `Cancel` (or threading.Event) whose set() stops
         after the current token, or the current batch while the prompt is read (finish_reason
         "interrupted"; the KV cache keeps what was read). speculative=False decodes plainly
-        even when the model was loaded with a draft (with a grammar it always does).
+        even when the model was loaded with a draft.
         """
         prompt = self.render_prompt(messages, tools=tools)
         if ignore_eos:
@@ -298,9 +297,7 @@ class QwQ:
             raise UsageError("this model is still generating another reply: finish or close() that stream "
                              "first (one generation at a time per model)")
         chain = build_sampler(lib, self._model, sampling, penalty_window=self.n_ctx)
-        # Speculation needs no grammar: proposals are not checked against the grammar's state.
-        spec = self.speculator if speculative and not sampling.grammar else None
-        target = None
+        spec = self.speculator if speculative else None
         self._busy = True
         state = LoopState()
         splitter = ThinkingSplitter()
@@ -322,12 +319,12 @@ class QwQ:
             if spec is not None and not no_room:
                 from .speculative_loop import run_speculative_loop
 
-                target = spec.sampler_class(lib, self._model, sampling, penalty_window=self.n_ctx)
                 loop = run_speculative_loop(
-                    lib, ctx, spec, target, state, splitter, history=tokens + state.decoded,
-                    stop_ids=self._stop_ids, max_tokens=max_tokens, thinking_budget=thinking_budget or None,
-                    close_tokens=self._close_tokens, close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel,
-                    n_ctx=self.n_ctx)
+                    lib, ctx, spec, spec.sampler_class(lib, chain, ctx), state, splitter,
+                    history=tokens + state.decoded, stop_ids=self._stop_ids, max_tokens=max_tokens,
+                    thinking_budget=thinking_budget or None, close_tokens=self._close_tokens,
+                    close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
+                    accept_injected=not sampling.grammar)
             else:
                 loop = ((kind, text) for kind, text in ()) if no_room else (
                         run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
@@ -365,8 +362,6 @@ class QwQ:
         finally:
             self._busy = False
             lib.llama_sampler_free(chain)
-            if target is not None:
-                target.free()
             # What the KV cache now holds, for the next request's prefix reuse; after a failure
             # half-way through a decode that is unknown, so the cache starts over.
             if ctx.n_past == len(tokens) + len(state.decoded):

@@ -7,16 +7,19 @@ Speculative Decoding"; Chen et al. 2023): a proposed token x drawn from the draf
 with probability min(1, p(x) / q(x)), where p is the target's distribution at that position;
 on rejection the token is drawn from norm(max(p - q, 0)). Both drafters here propose
 deterministically (n-gram lookup; a draft model's argmax), so q is a point mass at x and the
-rule becomes: keep x with probability p(x), otherwise draw from p with x removed and the rest
-renormalised. The output then has exactly the target's distribution. p is the distribution
-after the card's chain (logit bias, presence penalty, top_k -> top_p -> min_p -> temperature,
-runtime/decode.build_sampler), computed by llama.cpp's own samplers; at temperature 0 it is a
-point mass at the argmax, so a proposal is kept exactly when it is the target's argmax.
+rule becomes: keep x with probability p(x), otherwise draw from p with x removed, renormalised.
+Drawing y from p and keeping x exactly when y == x does both at once: P(keep) = p(x), and a
+y != x is distributed as p without x. So verification draws with the request's own llama.cpp
+sampler chain (runtime/decode.build_sampler: logit bias, grammar, presence penalty, the card's
+top_k -> top_p -> min_p -> temperature, seeded draw) at each batch row and compares. Every
+emitted token is one draw of that chain on logits of the same context, in the same order as
+plain decoding: at a fixed seed the output is plain decoding's, token for token, except where
+batched logits differ in the last bits at a near-tie. A grammar in the chain checks the
+proposals too: a proposal the grammar forbids is never drawn, so it is rejected.
 """
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +27,6 @@ import numpy as np
 
 from .. import constants
 from ..errors import UsageError
-from .decode import Sampling, build_sampler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,85 +173,31 @@ def check_vocab_compatible(target, draft) -> None:
 # ---------------------------------------------------------------------------------------------
 
 class TargetSampler:
-    """Draws from the target's distribution after the sampler chain and applies the
-    speculative-sampling rule to point-mass proposals. One per request; free() when done.
+    """The target side of verification for one request: draws with the request's sampler chain
+    (build_sampler's, seeded; owned and freed by the caller) from a row of ctx's last batch.
 
-    The chain is build_sampler's without the final `dist`: llama.cpp's own samplers shape the
-    candidates (so logit bias, presence penalty and the card's order are exactly plain
-    decoding's), and the draw happens here with a numpy generator seeded from sampling.seed.
-    """
+    llama_sampler_sample runs the chain on the row's logits, draws, and accepts the drawn token
+    into the chain (the presence penalty and a grammar follow it), exactly as plain decoding."""
 
-    def __init__(self, lib, model, sampling: Sampling, *, penalty_window: int) -> None:
-        self._lib = lib
-        self._chain = build_sampler(lib, model, sampling, penalty_window=penalty_window, dist=False)
-        self._rng = np.random.default_rng(sampling.seed)
-        n = model.n_vocab
-        self._ids = np.arange(n, dtype=np.int32)
-        self._data = np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
-        self._array = lib.llama_token_data_array()
-        self._ptr = ctypes.cast(self._data.ctypes.data, lib.llama_token_data_p)
-        self.greedy = sampling.temperature <= 0
+    def __init__(self, lib, chain, ctx) -> None:
+        self._sample = lib.llama_sampler_sample
+        self._accept = lib.llama_sampler_accept
+        self._chain = chain
+        self._ctx = ctx.ptr
 
-    def distribution(self, logits) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids, probabilities) of the candidates left after the chain, for one row of
-        logits (shape (n_vocab,))."""
-        data, arr = self._data, self._array
-        data["id"] = self._ids
-        data["logit"] = logits
-        arr.data = self._ptr
-        arr.size = len(data)
-        arr.selected = -1
-        arr.sorted = False
-        self._lib.llama_sampler_apply(self._chain, ctypes.byref(arr))
-        k = int(arr.size)
-        if ctypes.addressof(arr.data.contents) == self._data.ctypes.data:
-            kept = data[:k]
-        else:  # a sampler replaced the buffer: copy out of llama.cpp's memory
-            kept = np.ctypeslib.as_array(ctypes.cast(arr.data, ctypes.POINTER(ctypes.c_uint8)),
-                                         shape=(k * data.itemsize,)).view(data.dtype).copy()
-        ids = kept["id"].copy()
-        z = kept["logit"].astype(np.float64)
-        finite = np.isfinite(z)
-        if not finite.any():
-            raise UsageError("every token was excluded by the sampler chain (logit_bias bans them all?)")
-        z = np.where(finite, z, -np.inf)
-        p = np.exp(z - z.max())
-        return ids, p / p.sum()
+    def sample(self, row: int = -1) -> int:
+        """A token drawn from the target's distribution after batch row `row` (-1: the last)."""
+        return self._sample(self._chain, self._ctx, row)
 
-    def _draw(self, ids: np.ndarray, p: np.ndarray) -> int:
-        cdf = np.cumsum(p)
-        i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
-        return int(ids[min(i, len(ids) - 1)])
-
-    def sample(self, logits) -> int:
-        """A token drawn from the target's distribution at this row."""
-        ids, p = self.distribution(logits)
-        if self.greedy:
-            return int(ids[int(np.argmax(p))])
-        return self._draw(ids, p)
-
-    def verify(self, logits, proposed: int) -> tuple[int, bool]:
-        """(token, kept): keep `proposed` with probability p(proposed); otherwise a token drawn
-        from p with `proposed` removed (the residual of a point-mass proposal)."""
-        ids, p = self.distribution(logits)
-        where = ids == proposed
-        p_x = float(p[where].sum())
-        if self.greedy:
-            best = int(ids[int(np.argmax(p))])
-            return best, best == proposed
-        if p_x > 0.0 and self._rng.random() < p_x:
-            return proposed, True
-        residual = np.where(where, 0.0, p)
-        return self._draw(ids, residual), False
+    def verify(self, row: int, proposed: int) -> tuple[int, bool]:
+        """(token, kept): `proposed` is kept with probability p(proposed); otherwise the token
+        is a draw from p without it (the residual of a point-mass proposal)."""
+        tok = self._sample(self._chain, self._ctx, row)
+        return tok, tok == proposed
 
     def accept(self, token: int) -> None:
-        """Tell the chain a token was emitted (the presence penalty counts it)."""
-        self._lib.llama_sampler_accept(self._chain, token)
-
-    def free(self) -> None:
-        if self._chain is not None:
-            self._lib.llama_sampler_free(self._chain)
-            self._chain = None
+        """Tell the chain about a token it did not draw (the thought-closing text)."""
+        self._accept(self._chain, token)
 
 
 # ---------------------------------------------------------------------------------------------

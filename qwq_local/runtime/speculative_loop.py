@@ -5,8 +5,8 @@ verified in one llama_decode batch.
 A round: the pending token (drawn, not yet in the KV cache) is emitted; the drafter proposes
 d1..dk; the batch [pending, d1..dk] is decoded with logits at every position; row i is the
 target's distribution after batch token i, so d(i+1) is checked against row i (speculative.
-TargetSampler.verify). The first rejection draws the next pending token from the residual; if
-all are kept, the next pending token is drawn from row k. Positions after the last kept token
+TargetSampler.verify). The first rejection's draw is the next pending token; if all are kept,
+the next pending token is drawn from row k. Positions after the last kept token
 leave the target's KV cache (llama_memory_seq_rm through Context.truncate); the draft model
 trims its own cache on its next proposal.
 """
@@ -24,13 +24,14 @@ _GO, _STOP = 0, 1
 
 def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitter, *, history: Sequence[int],
                          stop_ids: frozenset[int], max_tokens: int | None, thinking_budget: int | None,
-                         close_tokens: Sequence[int], close_text: str, cancel: Cancel | None, n_ctx: int
-                         ) -> Iterator[tuple[str, str]]:
+                         close_tokens: Sequence[int], close_text: str, cancel: Cancel | None, n_ctx: int,
+                         accept_injected: bool = True) -> Iterator[tuple[str, str]]:
     """Draw, verify, decode and split until a stop; yields (kind, text) pieces as they complete.
 
     history: every token in ctx's KV cache (prompt and anything injected after it), whose last
-    logits must be ready. sampler: a speculative.TargetSampler for this request (the caller
-    frees it). `cancel` is checked once per round (a round emits one or more tokens).
+    logits must be ready. sampler: a speculative.TargetSampler on this request's chain.
+    accept_injected as in decode.run_loop. `cancel` is checked once per round (a round emits
+    one or more tokens).
     """
     model = ctx.model
     pieces = model._piece_cache
@@ -56,7 +57,6 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
             state.finish_reason = "stop"
             return _STOP
         tokens.append(tok)
-        sampler.accept(tok)
         was_thinking = splitter.in_thinking
         piece = pieces.get(tok)
         if piece is None:
@@ -81,7 +81,7 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
     try:
         drafter.start(history)
         adaptive.start()
-        pending = sampler.sample(ctx.logits(-1))
+        pending = sampler.sample(-1)
         while True:
             if cancelled is not None and cancelled():
                 state.finish_reason = "interrupted"
@@ -111,19 +111,19 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
                 if spent:
                     budget = -1
                     if not (yield from _inject(ctx, sampler, drafter, state, utf8, feed, close_tokens,
-                                               close_text, n_ctx)):
+                                               close_text, n_ctx, accept_injected)):
                         break
-                pending = sampler.sample(ctx.logits(-1))
+                pending = sampler.sample(-1)
                 continue
             base = ctx.n_past
-            rows = ctx.decode_verify([pending, *proposals])
+            ctx.decode_verify([pending, *proposals])
             verify_s = clock() - t1
             decoded.append(pending)
             kept = appended = 0
             stop = False
             nxt = -1
             for i, x in enumerate(proposals):
-                tok, ok = sampler.verify(rows[i], x)
+                tok, ok = sampler.verify(i, x)
                 if not ok:
                     nxt = tok
                     break
@@ -138,7 +138,7 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
                     spent = True
                     break
             else:
-                nxt = sampler.sample(rows[len(proposals)])
+                nxt = sampler.sample(len(proposals))
             state.draft_tokens += len(proposals)
             state.draft_accepted_tokens += kept
             adaptive.record_round(len(proposals), kept, verify_s=verify_s,
@@ -151,9 +151,9 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
             if spent:
                 budget = -1
                 if not (yield from _inject(ctx, sampler, drafter, state, utf8, feed, close_tokens,
-                                           close_text, n_ctx)):
+                                           close_text, n_ctx, accept_injected)):
                     break
-                pending = sampler.sample(ctx.logits(-1))
+                pending = sampler.sample(-1)
                 continue
             pending = nxt
         tail = utf8.decode(b"", final=True)
@@ -168,7 +168,7 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
 
 
 def _inject(ctx, sampler, drafter, state: LoopState, utf8, feed, close_tokens: Sequence[int], close_text: str,
-            n_ctx: int):
+            n_ctx: int, accept_injected: bool):
     """Close the thought for the model once the thinking budget is spent (as decode.run_loop);
     returns False (finish_reason "length") when the closing text does not fit the context."""
     if ctx.n_past + len(close_tokens) >= n_ctx:
@@ -177,8 +177,9 @@ def _inject(ctx, sampler, drafter, state: LoopState, utf8, feed, close_tokens: S
     ctx.decode(list(close_tokens))
     state.decoded.extend(close_tokens)
     state.injected_tokens += len(close_tokens)
-    for t in close_tokens:
-        sampler.accept(t)
+    if accept_injected:  # a grammar sampler would reject text it did not produce
+        for t in close_tokens:
+            sampler.accept(t)
     drafter.extend(close_tokens)
     tail = utf8.decode(b"", final=True)
     yield from feed(tail + close_text)

@@ -185,15 +185,31 @@ def test_budget_stops_and_end_tokens_equal_plain(sharp_gguf, plain, options):
         assert got.usage[key] == ref.usage[key], key
 
 
-def test_grammar_turns_speculation_off_for_the_request(sharp_gguf, plain):
-    m = load(sharp_gguf, "ngram", fixed=True)
+def test_a_grammar_checks_the_proposals(sharp_gguf, plain):
+    """The grammar sits in the chain that verifies: a proposal it forbids is never drawn, so
+    it is rejected, and the text is plain decoding's under the grammar."""
+    m = load(sharp_gguf, sharp_gguf, fixed=True)
     try:
-        grammar = 'root ::= [a-z]+ "\\n</think>\\n\\n" [0-9]+'
-        got = greedy(m, grammar=grammar, max_tokens=30)
-        ref = greedy(plain, grammar=grammar, max_tokens=30)
-        assert got.tokens == ref.tokens and got.usage["draft_tokens"] == 0
-        assert greedy(m, max_tokens=30, ignore_eos=True).usage["draft_tokens"] > 0  # on again after it
+        grammar = 'root ::= [a-z ]+ "\\n</think>\\n\\n" [0-9]+'
+        got = greedy(m, grammar=grammar, max_tokens=40)
+        ref = greedy(plain, grammar=grammar, max_tokens=40)
+        assert got.tokens == ref.tokens and got.thinking == ref.thinking
+        assert re.fullmatch(r"[a-z ]+", ref.thinking)
+        assert got.usage["draft_tokens"] > got.usage["draft_accepted_tokens"]  # proposals checked, some refused
         assert greedy(m, max_tokens=30, ignore_eos=True, speculative=False).usage["draft_tokens"] == 0
+    finally:
+        m.close()
+
+
+def test_sampling_at_a_fixed_seed_equals_plain_decoding(sharp_gguf, plain):
+    """Every emitted token is one draw of the request's chain, in plain decoding's order."""
+    m = load(sharp_gguf, sharp_gguf, fixed=True)
+    try:
+        for seed in (1, 2, 3):
+            options = dict(max_tokens=60, ignore_eos=True, seed=seed, temperature=1.5, top_k=0, top_p=1.0)
+            got, ref = m.chat(USER, **options), plain.chat(USER, **options)
+            assert got.tokens == ref.tokens
+            assert got.usage["draft_tokens"] > got.usage["draft_accepted_tokens"] > 0
     finally:
         m.close()
 
