@@ -86,9 +86,11 @@ class ModelDrafter:
     kind = "model"
     costs_decode = True
 
-    def __init__(self, model, ctx) -> None:
+    def __init__(self, model, ctx, *, n_vocab: int) -> None:
         self.model = model
         self.ctx = ctx
+        # Only ids the target knows: a draft may have more (padding) rows than the target.
+        self.n_vocab = min(n_vocab, model.n_vocab)
         self.path = model.path
         self._hist: list[int] = []
         self._cached: list[int] = []  # what the draft's KV cache holds, position by position
@@ -114,7 +116,7 @@ class ModelDrafter:
         ctx.decode(hist[keep:], start_pos=keep)
         out: list[int] = []
         for i in range(n):
-            tok = int(np.argmax(ctx.logits(-1)))
+            tok = int(np.argmax(ctx.logits(-1)[:self.n_vocab]))
             out.append(tok)
             if i + 1 < n:
                 ctx.decode_one(tok)
@@ -338,5 +340,5 @@ def load_speculator(draft: str | Path, *, target, n_ctx: int, n_batch: int, thre
     except BaseException:
         model.close()
         raise
-    return Speculator(ModelDrafter(model, ctx), draft_min=draft_min, draft_max=draft_max)
+    return Speculator(ModelDrafter(model, ctx, n_vocab=target.n_vocab), draft_min=draft_min, draft_max=draft_max)
 
