@@ -23,8 +23,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from .. import constants
 from ..errors import UsageError
 
@@ -102,6 +100,8 @@ class ModelDrafter:
         self._hist.extend(tokens)
 
     def propose(self, n: int) -> list[int]:
+        import numpy as np
+
         ctx, hist, cached = self.ctx, self._hist, self._cached
         n = min(n, ctx.n_ctx - len(hist))
         if n <= 0 or not hist:
