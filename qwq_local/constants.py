@@ -202,6 +202,35 @@ RPC_PROBE_TIMEOUT_S = 15.0
 # pip's wheel cache ignores CMAKE_ARGS: without --no-cache-dir a cached build without RPC is reused.
 RPC_INSTALL_FIX = ('CMAKE_ARGS="-DGGML_RPC=on" pip install --force-reinstall --no-cache-dir '
                    f'llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}')
+# --- Speculative decoding (runtime/speculative.py) -------------------------------------------
+# The drafter QwQ.load uses when none is named (None: plain decoding; see docs/speculative.md
+# for the measurement behind the choice).
+DEFAULT_DRAFT = None
+DRAFT_NGRAM = "ngram"
+# Proposals per verification batch: at most DRAFT_MAX (llama.cpp's --draft-max default), and a
+# proposal shorter than DRAFT_MIN is not verified (plain decoding instead).
+DEFAULT_DRAFT_MAX = 16
+DEFAULT_DRAFT_MIN = 1
+# n-gram self-speculation: the longest suffix of NGRAM_MAX down to NGRAM_MIN tokens that occurred
+# before in the context proposes what followed it (prompt lookup, as llama.cpp's ngram modes).
+NGRAM_MIN = 2
+NGRAM_MAX = 4
+# Adaptive draft length (speculative.AdaptiveLength): prior per-token acceptance rate and
+# extra cost of one more position in a verification batch (relative to a one-token decode),
+# both replaced by measurements as rounds go; the decay weighs recent rounds.
+SPEC_PRIOR_ACCEPT = 0.5
+SPEC_PRIOR_BATCH_COST = 0.2
+SPEC_DECAY = 0.85
+# When speculation does not pay off, plain decoding for a pause that doubles up to this many
+# tokens before the next probe.
+SPEC_MAX_PAUSE = 256
+# Proposals asked for by a probe round after a pause.
+SPEC_PROBE_LENGTH = 4
+# A one-token decode is re-timed after this many rounds (its cost drifts with the context).
+SPEC_RETIME_ROUNDS = 64
+# Target and draft vocabularies may differ in size by this many (padding) rows, as llama.cpp's
+# common/speculative.cpp allows (QwQ-32B: 152064 rows, Qwen2.5-0.5B: 151936).
+SPEC_VOCAB_MAX_SIZE_DIFFERENCE = 128
 
 # --- Environment variables ------------------------------------------------------------------
 ENV_DEBUG = "QWQ_LOCAL_DEBUG"

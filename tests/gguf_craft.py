@@ -42,16 +42,17 @@ def write_tiny_qwen2(path: Path, *, tokens: list[str] | None = None, template: s
                      drop: tuple[str, ...] = (), reshape: dict | None = None, n_embd: int = 64,
                      n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128, n_layer: int = 1,
                      extra: dict | None = None, embedding_rows: int | None = None,
-                     qtype: str | None = None) -> Path:
+                     qtype: str | None = None, seed: int = 0, output_scale: float = 1.0) -> Path:
     """A loadable qwen2 GGUF of about 1 MB (f32 weights). `drop` leaves tensors out and
-    `reshape` gives tensors other shapes (numpy order), to make files llama.cpp rejects."""
+    `reshape` gives tensors other shapes (numpy order), to make files llama.cpp rejects.
+    output_scale multiplies the output matrix: sharper logits, wider top-1/top-2 margins."""
     import gguf
 
     vocab, types, merges = tiny_vocab()
     tokens = vocab if tokens is None else tokens
     types = (types + [1] * len(tokens))[:len(tokens)]
     n_vocab = len(tokens) if embedding_rows is None else embedding_rows
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     reshape = reshape or {}
 
     def metadata(w) -> None:
@@ -75,6 +76,8 @@ def write_tiny_qwen2(path: Path, *, tokens: list[str] | None = None, template: s
         data = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
         if name.endswith("norm.weight"):
             data += 1.0
+        if name == "output.weight":
+            data *= output_scale
         if qtype and len(shape) == 2:
             q = gguf.GGMLQuantizationType[qtype]
             return gguf.quants.quantize(data.astype(np.float32), q), q

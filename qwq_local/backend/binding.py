@@ -1,9 +1,9 @@
 """The one place that drives llama.cpp (through llama-cpp-python's low-level ctypes API).
 
 Everything that loads a model or a context goes through here, so that:
-- llama.cpp's log goes to a ring buffer (shown with QWQ_LOCAL_DEBUG=1, quoted in errors);
-- every load validates the file first (our own GGUF checks, and a first load in a child
-  process, so an abort() inside llama.cpp cannot kill the caller);
+- llama.cpp's log goes to a ring buffer (library.py; shown with QWQ_LOCAL_DEBUG=1, quoted in errors);
+- untrusted files are validated first by the caller (`qwq_local.gguf.load_model`: our own GGUF
+  checks, and a first load in a child process, so an abort() inside llama.cpp cannot kill it);
 - extra buffer types (weight repacking: AMX and friends) are used only where a cached probe in a
   child process showed that they work. On CPUs that advertise AMX, this llama.cpp's AMX kernel
   faults on quantized prompt batches (SIGSEGV/SIGILL in `ldtilecfg`), also inside many VMs.
@@ -11,128 +11,27 @@ Everything that loads a model or a context goes through here, so that:
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import ctypes
 import os
+import contextlib
 import sys
-import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from .. import constants
 from ..errors import RuntimeLoadError, UsageError
 from . import probe
+from .library import (  # noqa: F401  (part of the binding's API: backend.llama() etc.)
+    GGML_TYPES, capture_log, default_threads, llama, llama_cpp_version, loaded_libraries, log_tail,
+    system_info,
+)
 
-_LOCK = threading.Lock()
-_LOG: collections.deque[str] = collections.deque(maxlen=2000)
-_CAPTURES: list[list[str]] = []
-_STATE: dict[str, Any] = {}
-
-GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
-
-
-def llama():
-    """Import llama_cpp once, route its log to our buffer, initialise the backend."""
-    lib = _STATE.get("lib")
-    if lib is not None:
-        return lib
-    with _LOCK:
-        if "lib" in _STATE:
-            return _STATE["lib"]
-        import llama_cpp
-
-        @llama_cpp.llama_log_callback
-        def _on_log(level: int, text: bytes, user_data) -> None:
-            line = text.decode("utf-8", errors="replace") if text else ""
-            _LOG.append(line)
-            for sink in _CAPTURES:
-                sink.append(line)
-            if constants.debug_enabled():
-                sys.stderr.write(line)
-
-        _STATE["log_cb"] = _on_log  # a ctypes callback must outlive every call into llama.cpp
-        llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        _STATE["lib"] = llama_cpp
-        return llama_cpp
-
-
-def log_tail(lines: int = 20) -> str:
-    """The last lines llama.cpp logged, for error messages."""
-    text = "".join(list(_LOG)[-lines * 4:])
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-@contextlib.contextmanager
-def capture_log() -> Iterator[list[str]]:
-    """Collect everything llama.cpp logs inside the block (used to read its buffer sizes)."""
-    sink: list[str] = []
-    _CAPTURES.append(sink)
-    try:
-        yield sink
-    finally:
-        _CAPTURES.remove(sink)
-
-
-def system_info() -> str:
-    return llama().llama_print_system_info().decode("utf-8", errors="replace")
-
-
-def llama_cpp_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("llama_cpp_python")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - editable builds
-        return getattr(llama(), "__version__", "unknown")
+_STATE: dict[str, Any] = {}  # this process's extra-buffer verdict
 
 
 # ---------------------------------------------------------------------------------------------
 # Extra buffer types (AMX / repack): probed once per llama.cpp build, in a child process
 # ---------------------------------------------------------------------------------------------
-
-class _DlInfo(ctypes.Structure):
-    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
-
-
-def _file_of_symbol(address: int | None) -> Path | None:
-    """The shared object that holds a code address (dladdr: glibc, musl and macOS have it)."""
-    if not address:
-        return None
-    try:
-        dladdr = ctypes.CDLL(None).dladdr
-    except (OSError, AttributeError, TypeError):  # Windows: no dladdr
-        return None
-    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
-    dladdr.restype = ctypes.c_int
-    info = _DlInfo()
-    if not dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
-        return None
-    return Path(os.fsdecode(info.dli_fname))
-
-
-def loaded_libraries() -> list[Path]:
-    """The native libraries of the llama.cpp this process runs: the files that hold libllama's
-    and ggml's code (found with dladdr, so LLAMA_CPP_LIB_PATH or a system libggml count as
-    they are) and every libllama*/libggml* beside them (probe.native_libraries)."""
-    lib = llama()
-    address = ctypes.cast(lib.llama_backend_init, ctypes.c_void_p).value
-    libllama = _file_of_symbol(address)
-    anchors = [libllama] if libllama else []
-    if libllama:
-        handle = ctypes.CDLL(str(libllama))  # the same, already loaded library: dlsym sees its dependencies
-        for symbol in ("ggml_init", "ggml_backend_reg_count", "ggml_backend_cpu_reg"):
-            fn = getattr(handle, symbol, None)  # ggml-base, ggml, ggml-cpu (absent in dynamic-backend builds)
-            found = _file_of_symbol(ctypes.cast(fn, ctypes.c_void_p).value) if fn is not None else None
-            if found:
-                anchors.append(found)
-    else:  # no dladdr: the package's own lib directory, where llama-cpp-python installs them
-        libdir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(lib.__file__).parent / "lib")
-        anchors = [p for p in libdir.glob("*") if p.is_file()] if libdir.is_dir() else []
-    return probe.native_libraries(anchors)
-
 
 def build_key(libraries: Sequence[Path] | None = None) -> str:
     """The probe record key of a build (default: the one loaded here); see probe.probe_key."""
@@ -495,6 +394,29 @@ class Context:
         """Wait for the decode llama.cpp queued (llama_decode returns before async backends finish)."""
         guard, sync = self.model.guard, llama().llama_synchronize
         guard.call(sync, self.ptr) if guard else sync(self.ptr)
+    def decode_verify(self, tokens: Sequence[int]):
+        """Decode tokens (at most n_batch) after what is cached, in one llama_decode, with logits
+        for every position: the verification batch of speculative decoding. Returns a numpy
+        float32 view of shape (len(tokens), n_vocab), row i the logits after tokens[i]; valid
+        until the next decode on this context."""
+        import numpy as np
+
+        lib = llama()
+        n = len(tokens)
+        if not 0 < n <= self.n_batch or self.n_past + n > self.n_ctx:
+            raise UsageError(f"a verification batch of {n} tokens at position {self.n_past} does not fit "
+                             f"n_batch {self.n_batch} / n_ctx {self.n_ctx}")
+        batch = self._batch
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = self.n_past + i
+            batch.logits[i] = True
+        batch.n_tokens = n
+        rc = lib.llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
+        self.n_past += n
+        return np.ctypeslib.as_array(lib.llama_get_logits(self.ptr), shape=(n, self.model.n_vocab))
 
     def logits(self, i: int = -1):
         """A numpy float32 view of the logits of output i (-1: the last one decoded)."""
@@ -514,17 +436,6 @@ class Context:
         else:
             lib.llama_memory_seq_rm(mem, 0, n_keep, -1)
         self.n_past = max(0, min(self.n_past, n_keep))
-
-
-def default_threads() -> int:
-    """Physical-ish core count: llama.cpp generation slows down on hyperthreads."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:  # pragma: no cover - psutil missing or unsupported platform
-        n = None
-    return max(1, n or os.cpu_count() or 1)
 
 
 def child_main(argv: Sequence[str]) -> int:

@@ -81,3 +81,10 @@ IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end 
 SPECIAL_IN_CONTENT = typer.Option(False, "--special-in-content",
                                   help="Read control/tag token text in messages (<|im_start|>, </think>) as tokens, "
                                        "as raw llama.cpp does (default: plain text; only the template makes tokens).")
+DRAFT = typer.Option(constants.DEFAULT_DRAFT, "--draft",
+                     help="Speculative decoding: ngram (self-speculation from the context) or a small GGUF with "
+                          "QwQ's vocabulary (e.g. a Qwen2.5-0.5B quant). Same output, sometimes faster.")
+DRAFT_MAX = typer.Option(constants.DEFAULT_DRAFT_MAX, "--draft-max", help="Most tokens proposed per verification batch.")
+DRAFT_MIN = typer.Option(constants.DEFAULT_DRAFT_MIN, "--draft-min", help="Fewest tokens worth verifying as a batch.")
+DRAFT_GPU = typer.Option(None, "--draft-gpu-layers",
+                         help="Draft model layers on the GPU (default: all where a GPU is usable, else 0).")

@@ -14,7 +14,9 @@ from .app import command, err
 
 def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int], seed: Optional[int],
                 template: str, kv_type: str, flash_attn: Optional[bool] = None,
-                rope_scaling: str = constants.DEFAULT_ROPE_SCALING, rpc: Optional[str] = None):
+                rope_scaling: str = constants.DEFAULT_ROPE_SCALING, rpc: Optional[str] = None,
+                draft: Optional[str] = None, draft_max: int = constants.DEFAULT_DRAFT_MAX,
+                draft_min: int = constants.DEFAULT_DRAFT_MIN, draft_gpu_layers: Optional[int] = None):
     import warnings
 
     from ..runtime.model import QwQ
@@ -33,7 +35,8 @@ def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int],
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         llm = QwQ.load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                       kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling, rpc=rpc)
+                       kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling, rpc=rpc, draft=draft,
+                       draft_max=draft_max, draft_min=draft_min, draft_gpu_layers=draft_gpu_layers)
     for warning in caught:
         err(f"warning: {warning.message}")
     return llm
@@ -75,6 +78,10 @@ def run_cmd(
     rope_scaling: str = opts.ROPE,
     ignore_eos: bool = opts.IGNORE_EOS,
     special_in_content: bool = opts.SPECIAL_IN_CONTENT,
+    draft: Optional[str] = opts.DRAFT,
+    draft_max: int = opts.DRAFT_MAX,
+    draft_min: int = opts.DRAFT_MIN,
+    draft_gpu_layers: Optional[int] = opts.DRAFT_GPU,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the thought."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (thinking, content, tool_calls, "
                                                       "finish_reason, usage, timings, model: n_ctx and rope)."),
@@ -96,7 +103,8 @@ def run_cmd(
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
                                 ignore_eos=ignore_eos, special_in_content=special_in_content)
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template, rpc=rpc,
-                     kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling) as llm:
+                     kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling, draft=draft,
+                     draft_max=draft_max, draft_min=draft_min, draft_gpu_layers=draft_gpu_layers) as llm:
         if as_json:
             reply = llm.chat(messages, **options)
             out = reply.to_dict()
@@ -137,6 +145,10 @@ def chat_cmd(
     rope_scaling: str = opts.ROPE,
     ignore_eos: bool = opts.IGNORE_EOS,
     special_in_content: bool = opts.SPECIAL_IN_CONTENT,
+    draft: Optional[str] = opts.DRAFT,
+    draft_max: int = opts.DRAFT_MAX,
+    draft_min: int = opts.DRAFT_MIN,
+    draft_gpu_layers: Optional[int] = opts.DRAFT_GPU,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Start with the thought hidden (/think show)."),
 ) -> None:
     """Interactive chat with history (/help inside for commands; Ctrl-C stops an answer)."""
@@ -149,7 +161,8 @@ def chat_cmd(
                                 top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty, seed=seed,
                                 ignore_eos=ignore_eos, special_in_content=special_in_content)
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template, rpc=rpc,
-                     kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling) as llm:
+                     kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling, draft=draft,
+                     draft_max=draft_max, draft_min=draft_min, draft_gpu_layers=draft_gpu_layers) as llm:
         code = repl(llm, system=system, options=options, show_thinking=not hide_thinking)
     raise typer.Exit(code)
 
@@ -165,9 +178,14 @@ def bench_cmd(
     kv_type: str = opts.KV,
     rope_scaling: str = opts.ROPE,
     repetitions: int = typer.Option(1, "--repetitions", "-r", help="Runs to average."),
+    draft: Optional[str] = opts.DRAFT,
+    draft_max: int = opts.DRAFT_MAX,
+    draft_min: int = opts.DRAFT_MIN,
+    draft_gpu_layers: Optional[int] = opts.DRAFT_GPU,
+
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Prompt (pp) and generation (tg) speed, like llama-bench."""
+    """Prompt (pp) and generation (tg) speed, like llama-bench (with --draft: tg with and without)."""
     import json
 
     from ..backend.rope import describe_rope
@@ -181,7 +199,8 @@ def bench_cmd(
         raise UsageError(f"--prompt-tokens + --gen-tokens must stay under the {constants.MAX_CONTEXT}-token "
                          f"context limit, not {prompt_tokens} + {gen_tokens}")
     with load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=0, template="original", rpc=rpc,
-                     kv_type=kv_type, rope_scaling=rope_scaling) as llm:
+                     kv_type=kv_type, rope_scaling=rope_scaling, draft=draft, draft_max=draft_max,
+                     draft_min=draft_min, draft_gpu_layers=draft_gpu_layers) as llm:
         result = llm.bench(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repetitions=repetitions)
     if as_json:
         typer.echo(json.dumps(result))
@@ -192,6 +211,11 @@ def bench_cmd(
     typer.echo(f"context    {result['n_ctx']}   rope {describe_rope(result['rope'])}")
     typer.echo(f"pp{prompt_tokens:<7} {result['pp_tps']:10.1f} tokens/s")
     typer.echo(f"tg{gen_tokens:<7} {result['tg_tps']:10.1f} tokens/s")
+    if "tg_draft_tps" in result:
+        drafted, kept = result["draft_tokens"], result["draft_accepted_tokens"]
+        rate = f"{kept}/{drafted} proposals kept" if drafted else "no proposals verified"
+        typer.echo(f"tg{gen_tokens:<7} {result['tg_draft_tps']:10.1f} tokens/s with --draft {result['draft']} "
+                   f"({result['tg_draft_tps'] / result['tg_tps']:.2f}x; {rate})")
 
 
 @command("demo")

@@ -52,9 +52,12 @@ class MemoryPlan:
     # The rope scaling this context gets (backend.rope.rope_params): no memory effect, shown so
     # a plan says everything the load will do.
     rope: dict = field(default_factory=dict)
+    # The speculative-decoding draft model's own plan (weights, KV, compute), counted in total().
+    draft: "MemoryPlan | None" = None
 
     def total(self, device: str) -> int:
-        return sum(part.get(device, 0) for part in (self.weights, self.kv, self.compute, self.output))
+        own = sum(part.get(device, 0) for part in (self.weights, self.kv, self.compute, self.output))
+        return own + (self.draft.total(device) if self.draft is not None else 0)
 
     @property
     def total_bytes(self) -> int:
@@ -85,6 +88,7 @@ class MemoryPlan:
             "weights_logged_bytes": dev(self.weights_logged),
             "logged_total_bytes": self.logged_total_bytes,
             "vram_bytes": self.vram, "ram_bytes": self.ram, "fits": self.fits, "reason": self.reason,
+            "draft": self.draft.to_dict() if self.draft is not None else None,
         }
 
 
@@ -132,7 +136,8 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
          n_ubatch: int = constants.DEFAULT_N_UBATCH, gpu_layers: int | str = 0,
          vram: int | None = None, ram: int | None = None, use_mmap: bool = True,
          offload_kqv: bool = True, repack: bool | None = None, logits_all: bool = False,
-         dry_run: bool = False, rope_scaling: str = constants.DEFAULT_ROPE_SCALING) -> MemoryPlan:
+         dry_run: bool = False, rope_scaling: str = constants.DEFAULT_ROPE_SCALING,
+         draft: Path | str | ModelShape | None = None, draft_gpu_layers: int | str = 0) -> MemoryPlan:
     """Predict llama.cpp's allocations for `model` (a GGUF path) with these settings.
 
     gpu_layers: a number (0 = CPU only, n_layer + 1 or -1 = everything) or "auto" (see
@@ -146,6 +151,9 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
     planned, i.e. CPU-only plans or builds with GPU offload).
     rope_scaling: "auto" | "none" | "yarn", as QwQ.load; the plan's `rope` shows what the
     context (after any automatic shortening) gets. Raises UsageError for n_ctx outside 1..131072.
+    draft: a speculative-decoding draft GGUF, planned with the same context and KV settings at
+    draft_gpu_layers (its own context: QwQ.load(draft=...)); its bytes count in the totals and
+    the fit (plan.draft holds its breakdown).
     """
     rope = rope_params(n_ctx, rope_scaling)  # also the n_ctx range check
     shape = read_shape(model)
@@ -153,7 +161,8 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
     if isinstance(gpu_layers, str) and gpu_layers.strip().lower() == "auto":
         fit = auto_gpu_layers(shape, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
                               n_ubatch=n_ubatch, vram=vram, ram=ram, use_mmap=use_mmap, repack=repack,
-                              dry_run=dry_run or None, rope_scaling=rope_scaling)
+                              dry_run=dry_run or None, rope_scaling=rope_scaling, draft=draft,
+                              draft_gpu_layers=draft_gpu_layers)
         return fit.plan
     if n_batch < 1 or n_ubatch < 1:
         raise UsageError(f"batch sizes must be at least 1, not n_batch={n_batch}, n_ubatch={n_ubatch}")
@@ -241,6 +250,11 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
         model=str(shape.path), gpu_layers=ngl, n_layer=n_layer, n_ctx=ctx, n_ctx_requested=int(n_ctx),
         n_batch=batch, n_ubatch=ubatch, kv_type=kv_type, flash_attn=fa, repack=bool(repack), compute_source=source,
         weights=weights, weights_logged=logged, kv=kv, compute=compute, output=output, rope=rope)
+    if draft is not None:
+        result.draft = plan(draft, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
+                            n_ubatch=n_ubatch, gpu_layers=draft_gpu_layers, vram=vram, ram=ram, use_mmap=use_mmap,
+                            offload_kqv=offload_kqv, repack=repack, dry_run=dry_run,
+                            rope_scaling=rope_scaling)
     _check_fit(result, vram=vram, ram=ram)
     return result
 
@@ -316,12 +330,14 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
                     n_batch: int = constants.DEFAULT_N_BATCH, n_ubatch: int = constants.DEFAULT_N_UBATCH,
                     vram: int | None = None, ram: int | None = None, min_ctx: int = constants.PLAN_MIN_CTX,
                     use_mmap: bool = True, repack: bool | None = None, dry_run: bool | None = None,
-                    rope_scaling: str = constants.DEFAULT_ROPE_SCALING) -> AutoFit:
+                    rope_scaling: str = constants.DEFAULT_ROPE_SCALING,
+                    draft: Path | str | ModelShape | None = None, draft_gpu_layers: int | str = 0) -> AutoFit:
     """The most GPU layers that fit free VRAM and RAM (each minus a margin) at n_ctx; if nothing
     fits, the largest context (a multiple of 256) down to `min_ctx` at which something does.
 
     dry_run: size compute buffers with llama.cpp's metadata-only load (default: on builds with
-    GPU offload when a GPU is in play; see plan()).
+    GPU offload when a GPU is in play; see plan()). draft/draft_gpu_layers: a draft model whose
+    memory is reserved first (see plan()).
     Returns AutoFit(gpu_layers, n_ctx, reason, plan), which also unpacks as a 3-tuple. On a
     build without GPU offload (or with vram=0) gpu_layers is 0. Raises InsufficientMemoryError
     with the numbers and alternatives when even CPU-only at `min_ctx` does not fit.
@@ -340,7 +356,8 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
 
         dry_run = max_layers > 0 and hardware.build().gpu_offload
     kw = dict(kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, dry_run=dry_run,
-              vram=vram, ram=ram, use_mmap=use_mmap, repack=repack, rope_scaling=rope_scaling)
+              vram=vram, ram=ram, use_mmap=use_mmap, repack=repack, rope_scaling=rope_scaling,
+              draft=read_shape(draft) if draft is not None else None, draft_gpu_layers=draft_gpu_layers)
 
     def best_at(ctx: int) -> tuple[MemoryPlan | None, MemoryPlan]:
         """The plan with the most GPU layers that fits at `ctx` (None if none does), and the

@@ -130,7 +130,8 @@ class Reply:
     usage: prompt_tokens; completion_tokens (sampled, the final end token excluded);
     thinking_tokens (sampled before the thought closed, `</think>` included); cached_tokens
     (prompt tokens reused from the KV cache) and prompt_tokens_decoded (the rest);
-    injected_tokens (the thought-closing text the runtime fed in); total_tokens.
+    injected_tokens (the thought-closing text the runtime fed in); total_tokens;
+    draft_tokens and draft_accepted_tokens (speculative decoding: proposals verified, and kept).
     timings: prompt_s, prompt_tps (decoded prompt tokens/s), gen_s, gen_tps, total_s.
     tokens: the sampled token ids.
     """
@@ -212,6 +213,8 @@ class LoopState:
     thinking_tokens: int = 0
     injected_tokens: int = 0
     gen_seconds: float = 0.0
+    draft_tokens: int = 0           # tokens a drafter proposed (speculative decoding)
+    draft_accepted_tokens: int = 0  # of those, the ones verification kept
 
 
 def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset[int],

@@ -36,7 +36,7 @@ def _resolve(model: str | Path) -> Path:
 
 
 def _gpu_layers(choice: int | str, path: Path, *, n_ctx: int, kv_type: str, flash_attn: bool | None,
-                n_batch: int) -> tuple[int, int, str]:
+                n_batch: int, draft: Path | None = None, draft_gpu_layers: int = 0) -> tuple[int, int, str]:
     """(gpu layers, context, why) for the gpu_layers option; "auto" asks the memory planner,
     which may also shorten the context when the asked one does not fit."""
     if isinstance(choice, str):
@@ -53,8 +53,26 @@ def _gpu_layers(choice: int | str, path: Path, *, n_ctx: int, kv_type: str, flas
 
     # Also on CPU-only builds: the planner then checks the model fits in RAM (and refuses
     # with alternatives) instead of letting the kernel kill the process mid-load.
-    fit = auto_gpu_layers(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch)
+    fit = auto_gpu_layers(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
+                          draft=draft, draft_gpu_layers=draft_gpu_layers)
     return int(fit.gpu_layers), min(int(fit.n_ctx), n_ctx), fit.reason
+
+
+def _draft_choice(draft: str | Path | None, gpu_layers: int | None, *, draft_min: int,
+                  draft_max: int) -> tuple[Path | None, int]:
+    """(the draft GGUF's path or None for none/"ngram", its GPU layers), checked before any load."""
+    from .speculative import AdaptiveLength
+
+    AdaptiveLength(draft_min=draft_min, draft_max=draft_max)  # range check
+    if draft is None or str(draft).strip().lower() == constants.DRAFT_NGRAM:
+        return None, 0
+    if gpu_layers is None:
+        from ..plan.hardware import build
+
+        gpu_layers = -1 if build().gpu_offload else 0
+    if gpu_layers < -1:
+        raise UsageError(f"draft_gpu_layers must be -1 (all) or >= 0, not {gpu_layers}")
+    return _resolve(draft), int(gpu_layers)
 
 
 class QwQ:
@@ -76,6 +94,8 @@ class QwQ:
         self._eog_ids: list[int] | None = None
         self._busy = False
         self.placement = f"{model.n_gpu_layers} GPU layers"
+        # speculative.Speculator when loaded with draft=..., else None (plain decoding).
+        self.speculator = None
         lib = backend.llama()
         self._encoder = PromptEncoder(model, normalizer=normalizer)
         self.normalizer = normalizer
@@ -92,7 +112,9 @@ class QwQ:
              template: str | Path = constants.DEFAULT_TEMPLATE_CHOICE,
              n_batch: int = constants.DEFAULT_N_BATCH,
              rope_scaling: str = constants.DEFAULT_ROPE_SCALING,
-             rpc: str | Sequence[str] | None = None) -> "QwQ":
+             rpc: str | Sequence[str] | None = None, draft: str | Path | None = constants.DEFAULT_DRAFT,
+             draft_max: int = constants.DEFAULT_DRAFT_MAX, draft_min: int = constants.DEFAULT_DRAFT_MIN,
+             draft_gpu_layers: int | None = None) -> "QwQ":
         """Load a GGUF (a path, or a cached name such as `qwq:q4_k_m`) with one context.
 
         rope_scaling "auto" applies the card's rule (static YaRN x4, orig ctx 32768, when n_ctx >
@@ -102,6 +124,12 @@ class QwQ:
         template is "original" (QwQ's released template, the default), "gguf" (the file's own)
         or a path to a .jinja file; rpc: llama.cpp RPC workers ("HOST:PORT", a list or a
         comma-separated string) to offload layers to, placed by plan.devices (docs/rpc.md).
+
+        draft turns on speculative decoding (docs/speculative.md): "ngram" (self-speculation
+        from the context) or a path to a small GGUF with QwQ's vocabulary (e.g. a Qwen2.5-0.5B
+        quant), loaded with its own context and draft_gpu_layers (None: all layers where this
+        llama.cpp offloads to a GPU, else 0), and counted by the memory plan. Each round
+        verifies between draft_min and draft_max proposals, as the adaptive length chooses.
         """
         from ..chat.template import select_template
 
@@ -114,6 +142,8 @@ class QwQ:
             raise UsageError(f"threads must be >= 1, not {threads}")
         rope_params(n_ctx, rope_scaling)  # range and choice check before any work
         path = _resolve(model)
+        draft_path, draft_gpu_layers = _draft_choice(draft, draft_gpu_layers, draft_min=draft_min,
+                                                     draft_max=draft_max)
         workers: dict[str, Any] = {}
         if rpc:
             from ..plan.devices import load_options_for_workers
@@ -123,7 +153,8 @@ class QwQ:
             fitted_ctx = n_ctx
         else:
             layers, fitted_ctx, placement = _gpu_layers(gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type,
-                                                        flash_attn=flash_attn, n_batch=n_batch)
+                                                        flash_attn=flash_attn, n_batch=n_batch, draft=draft_path,
+                                                        draft_gpu_layers=draft_gpu_layers)
         if fitted_ctx < n_ctx:
             warnings.warn(f"context reduced from {n_ctx} to {fitted_ctx} tokens to fit memory: {placement}",
                           UserWarning, stacklevel=2)
@@ -148,10 +179,24 @@ class QwQ:
         qwq = cls(llm, ctx, template=selection.template, rope=rope, seed=seed, kv_type=kv_type, n_ctx=int(n_ctx),
                   normalizer=normalizer)
         qwq.placement = placement
+        if draft is not None:
+            from .speculative import load_speculator
+
+            try:
+                qwq.speculator = load_speculator(
+                    draft_path or draft, target=llm, n_ctx=int(n_ctx), n_batch=n_batch, threads=threads,
+                    kv_type=kv_type, flash_attn=flash_attn, rope=rope, gpu_layers=draft_gpu_layers,
+                    draft_min=draft_min, draft_max=draft_max)
+            except BaseException:
+                qwq.close()
+                raise
         return qwq
 
     def close(self) -> None:
         """Free the context and the model (also done when the object is collected)."""
+        if self.speculator is not None:
+            self.speculator.close()
+            self.speculator = None
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
@@ -262,7 +307,8 @@ class QwQ:
                presence_penalty: float = constants.DEFAULT_PRESENCE_PENALTY, seed: int | None = None,
                stop: Sequence[str] | str | None = None, grammar: str | None = None,
                logit_bias: Mapping[int, float] | None = None, ignore_eos: bool = False,
-               cancel: Cancel | None = None, special_in_content: bool = False) -> Iterator[Event]:
+               cancel: Cancel | None = None, special_in_content: bool = False,
+               speculative: bool = True) -> Iterator[Event]:
         """Yield Event("thinking", text) and Event("content", text) as tokens arrive, then
         Event("done", reply=Reply).
 
@@ -280,20 +326,22 @@ class QwQ:
         after the current token, or the current batch while the prompt is read (finish_reason
         "interrupted"; the KV cache keeps what was read). special_in_content: see `encode_prompt`.
         Tool calls (chat.reasoning) come back in the reply with finish_reason "tool_calls"
-        (except "interrupted").
+        (except "interrupted"). speculative=False decodes plainly even when the model was loaded
+        with a draft.
         """
         prompt, tokens = self.encode_prompt(messages, tools=tools, special_in_content=special_in_content)
         if ignore_eos:
             logit_bias = {**self.eog_bias(), **(logit_bias or {})}
         yield from self.stream_prompt(
             prompt, tokens=tokens, max_tokens=max_tokens, thinking_budget=thinking_budget, stop=stop, cancel=cancel,
-            sampling=Sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            speculative=speculative, sampling=Sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               presence_penalty=presence_penalty, seed=self.seed if seed is None else seed,
                               grammar=grammar, logit_bias=logit_bias))
 
     def stream_prompt(self, prompt: str, *, tokens: Sequence[int] | None = None, sampling: Sampling = Sampling(),
                       max_tokens: int | None = None, thinking_budget: int | None = None,
-                      stop: Sequence[str] | str | None = None, cancel: Cancel | None = None) -> Iterator[Event]:
+                      stop: Sequence[str] | str | None = None, cancel: Cancel | None = None,
+                      speculative: bool = True) -> Iterator[Event]:
         """`stream` for an already rendered prompt. `tokens`: its ids from `encode_prompt`; None
         tokenizes `prompt` whole, every special text as a token (`tokenize`)."""
         from ..chat.reasoning import ThinkingSplitter, starts_in_thought, turn_tool_calls
@@ -315,6 +363,7 @@ class QwQ:
             raise UsageError("this model is still generating another reply: finish or close() that stream "
                              "first (one generation at a time per model)")
         chain = build_sampler(lib, self._model, sampling, penalty_window=self.n_ctx)
+        spec = self.speculator if speculative else None
         self._busy = True
         state = LoopState()
         splitter = ThinkingSplitter(in_thought=starts_in_thought(prompt))
@@ -335,11 +384,22 @@ class QwQ:
                     state.finish_reason = "length"
                 else:
                     yield from self._inject_close(ctx, chain, splitter, sampling, state, thinking_parts)
-            loop = ((kind, text) for kind, text in ()) if no_room else (
-                    run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
-                             thinking_budget=budget, close_tokens=self._close_tokens,
-                             close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
-                             accept_injected=not sampling.grammar or sampling.lazy_grammar))
+            accept_injected = not sampling.grammar or sampling.lazy_grammar
+            if spec is not None and not no_room:
+                from .speculative_loop import run_speculative_loop
+
+                loop = run_speculative_loop(
+                    lib, ctx, spec, spec.sampler_class(lib, chain, ctx), state, splitter,
+                    history=tokens + state.decoded, stop_ids=self._stop_ids, max_tokens=max_tokens,
+                    thinking_budget=budget, close_tokens=self._close_tokens,
+                    close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
+                    accept_injected=accept_injected)
+            else:
+                loop = ((kind, text) for kind, text in ()) if no_room else (
+                        run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
+                                 thinking_budget=budget, close_tokens=self._close_tokens,
+                                 close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
+                                 accept_injected=accept_injected))
             hold = max((len(s) for s in stops), default=1) - 1
             pending = ""  # answer text held back while it could be the start of a stop string
             stopped = False
@@ -391,7 +451,8 @@ class QwQ:
             thinking=thinking, content=content, tool_calls=calls, finish_reason=finish, tokens=list(state.tokens),
             usage={"prompt_tokens": len(tokens), "completion_tokens": n_gen, "thinking_tokens": state.thinking_tokens,
                    "cached_tokens": cached, "prompt_tokens_decoded": len(tokens) - cached,
-                   "injected_tokens": state.injected_tokens, "total_tokens": len(tokens) + n_gen},
+                   "injected_tokens": state.injected_tokens, "total_tokens": len(tokens) + n_gen,
+                   "draft_tokens": state.draft_tokens, "draft_accepted_tokens": state.draft_accepted_tokens},
             timings={"prompt_s": prompt_s, "prompt_tps": (len(tokens) - cached) / prompt_s if prompt_s > 0 else 0.0,
                      "gen_s": gen_s, "gen_tps": n_gen / gen_s if gen_s > 0 else 0.0,
                      "total_s": time.perf_counter() - t0})
@@ -444,41 +505,12 @@ class QwQ:
 
     def bench(self, *, prompt_tokens: int = 512, gen_tokens: int = 128, repetitions: int = 1) -> dict:
         """llama-bench-like speeds: pp (prompt tokens/s, batched) and tg (generated tokens/s,
-        one token at a time through the same loop as chat), on an empty KV cache."""
-        if prompt_tokens < 1 or gen_tokens < 1:
-            raise UsageError("prompt_tokens and gen_tokens must be >= 1")
+        one token at a time through the same loop as chat), on an empty KV cache. With a draft
+        loaded, tg is also measured with speculation (tg_draft_tps, interleaved with tg) and
+        draft_tokens/draft_accepted_tokens count its proposals. See runtime/bench.py."""
+        from .bench import bench
+
         if self._ctx is None or self._busy:
             raise UsageError("bench needs an open model that is not generating")
-        if prompt_tokens + gen_tokens + 1 > self.n_ctx:
-            raise ContextOverflowError(
-                f"bench needs {prompt_tokens + gen_tokens + 1} tokens but the context holds {self.n_ctx}; "
-                "raise --ctx or lower --prompt-tokens/--gen-tokens")
-        from ..chat.reasoning import ThinkingSplitter
-
-        lib = self._lib
-        ctx = self._ctx
-        # Ordinary vocabulary tokens (not control tokens), as llama-bench feeds random ones.
-        filler = [t for t in range(min(self._model.n_vocab, 1000)) if not self._model.is_eog(t)]
-        prompt = [filler[i % len(filler)] for i in range(prompt_tokens)]
-        pp, tg = [], []
-        for _ in range(max(1, repetitions)):
-            self.reset()
-            t = time.perf_counter()
-            ctx.decode(prompt, start_pos=0)
-            ctx.synchronize()  # GPU and RPC backends compute asynchronously
-            pp.append(prompt_tokens / (time.perf_counter() - t))
-            chain = build_sampler(lib, self._model, Sampling(seed=0, logit_bias=self.eog_bias()),
-                                  penalty_window=64)
-            state = LoopState()
-            try:
-                for _ in run_loop(lib, ctx, chain, state, ThinkingSplitter(), stop_ids=frozenset(),
-                                  max_tokens=gen_tokens + 1, thinking_budget=None, close_tokens=(),
-                                  close_text="", cancel=None, n_ctx=self.n_ctx):
-                    pass
-            finally:
-                lib.llama_sampler_free(chain)
-            tg.append(len(state.decoded) / state.gen_seconds)
-        self.reset()
-        return {"pp_tps": sum(pp) / len(pp), "tg_tps": sum(tg) / len(tg), "prompt_tokens": prompt_tokens,
-                "gen_tokens": gen_tokens, "threads": self.threads, "gpu_layers": self.gpu_layers,
-                "n_ctx": self.n_ctx, "rope": self.rope, "extra_bufts": self.extra_bufts, "model": str(self.path)}
+        return bench(self, self._model, self._ctx, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                     repetitions=repetitions)
