@@ -73,12 +73,15 @@ def _sampling(req: Any, model: Any, answer: gbnf.AnswerGrammar | None) -> Sampli
         grammar_trigger_patterns=answer.trigger_patterns if answer is not None else ())
 
 
-def _tokens(model: Any, prompt: str) -> list[int]:
-    tokens = model.tokenize(prompt)
+def _tokens(model: Any, prompt: str, param: str) -> list[int]:
+    try:
+        tokens = model.tokenize(prompt)
+    except UsageError as exc:  # text that is not Unicode (a lone "\ud800" escape)
+        raise _bad(f"{param}: {exc}", param) from None
     if len(tokens) >= model.n_ctx:
         raise APIError(400, f"This model's context per slot is {model.n_ctx} tokens, but the prompt has "
                             f"{len(tokens)} tokens; shorten the messages or start the server with a larger --ctx.",
-                       param="messages", code="context_length_exceeded")
+                       param=param, code="context_length_exceeded")
     return tokens
 
 
@@ -143,7 +146,7 @@ def prepare_chat(req: ChatCompletionRequest, model: Any) -> Prepared:
     budget = req.thinking_budget if req.thinking_budget is not None else req.thinking_budget_tokens
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     options = {"sampling": sampling, "max_tokens": max_tokens, "thinking_budget": budget, "stop": _stops(req.stop)}
-    return Prepared(prompt, _tokens(model, prompt), options,
+    return Prepared(prompt, _tokens(model, prompt, "messages"), options,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
@@ -152,7 +155,7 @@ def prepare_completion(req: CompletionRequest, model: Any) -> Prepared:
     options = {"sampling": sampling, "max_tokens": req.max_tokens, "stop": _stops(req.stop)}
     if not req.prompt:
         raise _bad("prompt is empty", "prompt")
-    return Prepared(req.prompt, _tokens(model, req.prompt), options,
+    return Prepared(req.prompt, _tokens(model, req.prompt, "prompt"), options,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 

@@ -232,6 +232,8 @@ def api_error(response: requests.Response, status: int) -> dict:
     ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format"),
     ({"messages": [{"content": "no role"}]}, "messages"),
+    ({"messages": [{"role": "bogus", "content": "dropped by the template"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "half a pair \ud800"}]}, "messages"),
     ({"messages": USER, "grammar": "root ::= ("}, None),
 ])
 def test_bad_parameters_are_400_error_objects(server, body, param):
@@ -252,6 +254,7 @@ def test_bad_input_statuses(server):
     error = api_error(requests.post(url, json={"messages": long}), 400)
     assert error["code"] == "context_length_exceeded" and "2048" in error["message"]
     assert any(ch.isdigit() for ch in error["message"].replace("2048", ""))
+    assert api_error(requests.post(server.url + "/v1/completions", json={"prompt": "x\ud800"}), 400)["param"] == "prompt"
     # the server goes on answering
     assert requests.post(url, json={"messages": USER, "max_tokens": 2}).status_code == 200
 
