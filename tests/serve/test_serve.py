@@ -349,3 +349,19 @@ def test_app_factory_in_any_asgi_server(tiny_gguf):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_serve_takes_the_loading_options_of_run(tiny_gguf, client, no_end):
+    """--draft (issue 11) and --rope-scaling reach the served model: greedy output with n-gram
+    self-speculation equals the plain server's (speculation never changes the text)."""
+    ask = dict(model="tiny", messages=USER, max_tokens=24, temperature=0, logit_bias=no_end)
+    plain = client.chat.completions.create(**ask).choices[0].message
+    srv = Server(tiny_gguf, "--alias", "tiny", "--ctx", "2048", "--draft", "ngram", "--rope-scaling", "none")
+    try:
+        from openai import OpenAI
+
+        drafted = OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = drafted.chat.completions.create(**ask).choices[0].message
+    finally:
+        assert srv.stop() == -signal.SIGTERM  # a clean shutdown re-raises the signal
+    assert (reply.reasoning_content, reply.content) == (plain.reasoning_content, plain.content)
