@@ -244,7 +244,13 @@ class Model:
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
         lib = llama()
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # Lone UTF-16 surrogates: JSON's "\ud800" escapes, or argv bytes that are not UTF-8
+            # (Python keeps them as U+DC80..U+DCFF). llama.cpp reads UTF-8 only.
+            raise UsageError(f"the text is not valid Unicode: it holds {exc.object[exc.start]!r}, half of a "
+                             "UTF-16 surrogate pair (or a byte that is not UTF-8); send UTF-8 text") from None
         cap = len(data) + 16
         buf = (lib.llama_token * cap)()
         n = lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)

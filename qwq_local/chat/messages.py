@@ -15,6 +15,9 @@ Accepted shapes (source: /v1/chat/completions request format; QwQ's template rea
   object is a UsageError.
 - `tool_call_id` / `name` on tool messages and any other extra keys are kept (the template
   ignores what it does not read); keys whose value is None are dropped, as transformers does.
+- `role` is `system`, `user`, `assistant` or `tool`; OpenAI's `developer` (its name for the
+  system message since the o1 models) becomes `system`. Any other role is a UsageError: QwQ's
+  template has no branch for it and would drop the message without a word.
 
 Errors name the message (and tool call) index, so a client can find the faulty entry.
 """
@@ -28,7 +31,12 @@ from typing import Any
 
 from ..errors import UsageError
 
-__all__ = ["normalize_messages", "content_text"]
+__all__ = ["normalize_messages", "content_text", "ROLES"]
+
+# The roles QwQ's template renders (its branches: user, system, assistant, tool).
+ROLES = ("system", "user", "assistant", "tool")
+# Other names clients send for those roles: OpenAI's "developer" is its system message.
+_ROLE_ALIASES = {"developer": "system"}
 
 # Part types that carry text (OpenAI's chat "text"; the Responses API's "input_text"/"output_text").
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
@@ -88,8 +96,13 @@ def _normalize(message: Mapping[str, Any], index: int) -> dict[str, Any]:
     if not role.replace("_", "").replace("-", "").isalnum():
         # The template writes the role as is, after <|im_start|>: it must not carry markup.
         raise UsageError(f"{where}: a role is a word such as 'user' or 'assistant'")
+    role = _ROLE_ALIASES.get(role, role)
+    if role not in ROLES:
+        raise UsageError(f"{where}: unknown role; QwQ's template renders only "
+                         f"{', '.join(map(repr, ROLES))} (and 'developer' as 'system')")
     # transformers drops None-valued keys: templates handle a missing key, not None.
     out = {k: v for k, v in message.items() if v is not None}
+    out["role"] = role
     tool_calls = out.get("tool_calls")
     if tool_calls is not None:
         if role != "assistant":

@@ -21,11 +21,17 @@ def serve_cmd(
                                                                           "more get 503 + Retry-After."),
     ctx: int = opts.CTX,
     gpu_layers: str = opts.GPU,
+    rpc: Optional[str] = opts.RPC,
     threads: Optional[int] = opts.THREADS,
     template: str = opts.TEMPLATE,
     kv_type: str = opts.KV,
     flash_attn: Optional[bool] = opts.FA,
+    rope_scaling: str = opts.ROPE,
     seed: Optional[int] = opts.SEED,
+    draft: Optional[str] = opts.DRAFT,
+    draft_max: int = opts.DRAFT_MAX,
+    draft_min: int = opts.DRAFT_MIN,
+    draft_gpu_layers: Optional[int] = opts.DRAFT_GPU,
     api_key: Optional[str] = typer.Option(None, "--api-key", help=f"Key clients send as `Authorization: Bearer "
                                                                    f"KEY` (or set {constants.ENV_API_KEY})."),
     no_api_key: bool = typer.Option(False, "--no-api-key", help="Allow a non-loopback --host without a key."),
@@ -44,7 +50,8 @@ def serve_cmd(
         err(f"warning: {warning}")
     check_parallel(parallel)
     llm = load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
-                     kv_type=kv_type, flash_attn=flash_attn)
+                     kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling, rpc=rpc, draft=draft,
+                     draft_max=draft_max, draft_min=draft_min, draft_gpu_layers=draft_gpu_layers)
 
     def ready(url: str) -> None:
         typer.echo(f"qwq-local: serving {llm.path.name} at {url}/v1 (chat page: {url}/)", err=False)

@@ -191,21 +191,29 @@ def create_app(model: Any, config: ServeConfig | None = None):
                                             "owned_by": "qwq-local", "context_length": qwq.n_ctx,
                                             "meta": {"n_ctx_per_slot": qwq.n_ctx, "slots": len(state.engine.slots)}}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def begin(body: Any, request: Request, prepare, stream, prefix: str):
+        """Validate and queue a request (both completion routes); returns (model, id, created,
+        reply), the last item an SSE response when the body asks to stream."""
         qwq, engine = ready()
         check_model(body.model)
-        prepared = await asyncio.to_thread(handlers.prepare_chat, body, qwq)
+        prepared = await asyncio.to_thread(prepare, body, qwq)
         job = handlers.submit(engine, prepared)
-        cid, created = completion_id(), now()
+        cid, created = completion_id(prefix), now()
         if body.stream:
-            events = handlers.stream_chat(job, cid=cid, model_id=state.model_id, created=created,
-                                          include_usage=prepared.include_usage)
-            return EventSourceResponse(_sse(events), ping=constants.SERVE_SSE_PING_S)
+            events = stream(job, cid=cid, model_id=state.model_id, created=created,
+                            include_usage=prepared.include_usage)
+            return qwq, cid, created, EventSourceResponse(_sse(events), ping=constants.SERVE_SSE_PING_S)
         reply = await handlers.collect(job, request.is_disconnected)
         if reply is None:  # cancelled before it started (the client went away)
             raise APIError(499 if await request.is_disconnected() else 503, "request cancelled",
                            type="server_error")
+        return qwq, cid, created, reply
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _, cid, created, reply = await begin(body, request, handlers.prepare_chat, handlers.stream_chat, "chatcmpl")
+        if body.stream:
+            return reply
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
                 "choices": [{"index": 0, "message": handlers.chat_message(reply), "logprobs": None,
                              "finish_reason": handlers.finish_reason(reply)}],
@@ -213,18 +221,10 @@ def create_app(model: Any, config: ServeConfig | None = None):
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        qwq, engine = ready()
-        check_model(body.model)
-        prepared = await asyncio.to_thread(handlers.prepare_completion, body, qwq)
-        job = handlers.submit(engine, prepared)
-        cid, created = completion_id("cmpl"), now()
+        qwq, cid, created, reply = await begin(body, request, handlers.prepare_completion,
+                                               handlers.stream_completion, "cmpl")
         if body.stream:
-            events = handlers.stream_completion(job, cid=cid, model_id=state.model_id, created=created,
-                                                include_usage=prepared.include_usage)
-            return EventSourceResponse(_sse(events), ping=constants.SERVE_SSE_PING_S)
-        reply = await handlers.collect(job, request.is_disconnected)
-        if reply is None:
-            raise APIError(503, "request cancelled", type="server_error")
+            return reply
         text = qwq.detokenize(reply.tokens)
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
                 "choices": [{"index": 0, "text": (body.prompt if body.echo else "") + text, "logprobs": None,

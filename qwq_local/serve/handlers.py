@@ -73,12 +73,11 @@ def _sampling(req: Any, model: Any, answer: gbnf.AnswerGrammar | None) -> Sampli
         grammar_trigger_patterns=answer.trigger_patterns if answer is not None else ())
 
 
-def _tokens(model: Any, prompt: str) -> list[int]:
-    tokens = model.tokenize(prompt)
+def _fits(model: Any, tokens: list[int], param: str) -> list[int]:
     if len(tokens) >= model.n_ctx:
         raise APIError(400, f"This model's context per slot is {model.n_ctx} tokens, but the prompt has "
                             f"{len(tokens)} tokens; shorten the messages or start the server with a larger --ctx.",
-                       param="messages", code="context_length_exceeded")
+                       param=param, code="context_length_exceeded")
     return tokens
 
 
@@ -131,7 +130,9 @@ def prepare_chat(req: ChatCompletionRequest, model: Any) -> Prepared:
     """Validate a chat request against the model; raises APIError (400) for bad input."""
     tools = req.tools if req.tools and req.tool_choice != "none" else None
     try:
-        prompt = model.render_prompt(req.messages, tools=tools)
+        # encode_prompt, not tokenize(render_prompt(...)): control-token text inside messages
+        # stays plain text, so a message cannot forge turns or close the thought.
+        prompt, tokens = model.encode_prompt(req.messages, tools=tools)
     except (TemplateError, UsageError) as exc:
         raise _bad(f"messages: {exc}", "messages") from None
     answer = _answer_grammar(req, model, prompt)
@@ -143,7 +144,7 @@ def prepare_chat(req: ChatCompletionRequest, model: Any) -> Prepared:
     budget = req.thinking_budget if req.thinking_budget is not None else req.thinking_budget_tokens
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     options = {"sampling": sampling, "max_tokens": max_tokens, "thinking_budget": budget, "stop": _stops(req.stop)}
-    return Prepared(prompt, _tokens(model, prompt), options,
+    return Prepared(prompt, _fits(model, tokens, "messages"), options,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
@@ -152,7 +153,11 @@ def prepare_completion(req: CompletionRequest, model: Any) -> Prepared:
     options = {"sampling": sampling, "max_tokens": req.max_tokens, "stop": _stops(req.stop)}
     if not req.prompt:
         raise _bad("prompt is empty", "prompt")
-    return Prepared(req.prompt, _tokens(model, req.prompt), options,
+    try:
+        tokens = model.tokenize(req.prompt)  # a raw prompt: special texts are tokens, as in llama-server
+    except UsageError as exc:  # text that is not Unicode (a lone "\ud800" escape)
+        raise _bad(f"prompt: {exc}", "prompt") from None
+    return Prepared(req.prompt, _fits(model, tokens, "prompt"), options,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
@@ -161,7 +166,9 @@ def submit(engine: Engine, prepared: Prepared) -> Job:
     options = prepared.options
 
     def run(model, cancel):
-        return model.stream_prompt(prepared.prompt, cancel=cancel, **options)
+        # The prepared ids: tokenizing the text again would read control-token text in messages
+        # as control tokens.
+        return model.stream_prompt(prepared.prompt, tokens=prepared.tokens, cancel=cancel, **options)
 
     job = Job(run=run, tokens=prepared.tokens, loop=asyncio.get_running_loop())
     try:

@@ -217,3 +217,15 @@ def test_failing_and_passing_children_are_classified():
 def test_hanging_child_times_out():
     result = backend.probe_extra_bufts(command=[sys.executable, "-c", "import time; time.sleep(30)"], timeout=1.0)
     assert result["ok"] is False and "timed out" in result["reason"]
+
+
+@pytest.mark.parametrize("text", ["a\ud800b", "a\udcffb"])
+def test_text_that_is_not_unicode_is_a_usage_error(tiny_gguf, text):
+    """A JSON "\\ud800" escape, or an argv byte that is not UTF-8 (kept as U+DCxx by Python),
+    cannot be encoded for llama.cpp: a UsageError naming the character, not UnicodeEncodeError."""
+    from qwq_local.errors import UsageError
+
+    with backend.Model.load(tiny_gguf) as model:
+        with pytest.raises(UsageError, match=r"not valid Unicode: it holds '\\ud[8c][0f]{2}', half of a UTF-16"):
+            model.tokenize(text)
+        assert model.tokenize("ab") == model.tokenize("ab")  # the model still works

@@ -75,3 +75,18 @@ def test_extra_keys_clients_send_are_accepted():
 def test_content_null_without_tool_calls_is_refused():
     with pytest.raises(UsageError, match=r"message 1 \(assistant\) has no 'content'"):
         render_prompt([USER, {"role": "assistant", "content": None}])
+
+
+def test_developer_role_is_the_system_message():
+    """OpenAI's clients send the system prompt as role 'developer' (o1 and newer); QwQ's
+    template has no branch for it and dropped it from the prompt."""
+    developer = [{"role": "developer", "content": "Answer in French."}, USER]
+    system = [{"role": "system", "content": "Answer in French."}, USER]
+    assert render_prompt(developer) == render_prompt(system)
+    assert "<|im_start|>system\nAnswer in French.<|im_end|>" in render_prompt(developer)
+
+
+@pytest.mark.parametrize("role", ["bogus", "function", "model", "User"])
+def test_roles_the_template_would_drop_are_usage_errors(role):
+    with pytest.raises(UsageError, match=rf"message 0 \({role}\): unknown role"):
+        render_prompt([{"role": role, "content": "SECRET"}, USER])

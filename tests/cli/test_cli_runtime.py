@@ -339,6 +339,16 @@ def test_run_refuses_an_empty_prompt(tiny_gguf):
     assert blank.exit_code == 2 and blank.stderr == "error: the prompt is empty\n"
 
 
+
+def test_run_refuses_a_prompt_that_is_not_utf8(tiny_gguf):
+    """An argv byte that is not UTF-8 reaches Python as a lone surrogate (U+DCFF for 0xFF): one
+    line and exit 2, not a UnicodeEncodeError traceback from the tokenizer."""
+    bad = invoke("run", "-m", tiny_gguf, "caf\udcff", "--gpu-layers", "0", "--max-tokens", "2")
+    assert bad.exit_code == 2
+    assert bad.stderr.startswith("error: the text is not valid Unicode: it holds '\\udcff'")
+    assert bad.stderr.count("\n") == 1
+
+
 def test_chat_load_refuses_a_conversation_the_template_cannot_render(tiny_gguf, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"role": "user", "content": 5}]')

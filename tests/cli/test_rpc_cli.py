@@ -45,6 +45,9 @@ def test_unreachable_worker_is_one_line(tiny_gguf):
     result = invoke("run", "-m", tiny_gguf, "hi", "--rpc", endpoint, *OPTS)
     assert result.exit_code == 13
     assert result.stderr.strip().count("\n") == 0 and endpoint in result.stderr
+    # serve takes --rpc too (issue 12; docs/rpc.md): the same one line, before it listens
+    served = invoke("serve", "-m", tiny_gguf, "--port", "0", "--ctx", "256", "--rpc", endpoint)
+    assert served.exit_code == 13 and endpoint in served.stderr and "serving" not in served.output
 
 
 def test_worker_refuses_a_port_in_use_and_an_unconfirmed_public_host():
@@ -69,6 +72,7 @@ def test_doctor_says_rpc_is_available():
     ["plan", "-m", "MODEL", "--rpc", "127.0.0.1:1"],
     ["run", "-m", "MODEL", "hi", "--rpc", "127.0.0.1:1"],
     ["bench", "-m", "MODEL", "--rpc", "127.0.0.1:1"],
+    ["serve", "-m", "MODEL", "--port", "0", "--rpc", "127.0.0.1:1"],
 ])
 def test_a_build_without_rpc_fails_with_the_rebuild_command(monkeypatch, args, tiny_gguf):
     args = [str(tiny_gguf) if a == "MODEL" else a for a in args]
