@@ -64,7 +64,7 @@ TEMPLATE = typer.Option(constants.DEFAULT_TEMPLATE_CHOICE, "--template",
                      help="Chat template: original (QwQ's released one), gguf (the file's), or a .jinja path.")
 KV = typer.Option("f16", "--kv-type", callback=_lower, help="KV cache type: f16, q8_0 or q4_0.")
 FA = typer.Option(None, "--flash-attn/--no-flash-attn", help="Flash attention (default: llama.cpp decides).")
-MAX = typer.Option(None, "--max-tokens", help="Cap on generated tokens, thought included (default: until the context is full).")
+MAX = typer.Option(None, "--max-tokens", "-n", help="Cap on generated tokens, thought included (default: until the context is full).")
 BUDGET = typer.Option(None, "--thinking-budget", help="Cap on thinking tokens; then the thought is closed and the model answers.")
 TEMP = typer.Option(constants.DEFAULT_TEMPERATURE, "--temperature")
 TOP_P = typer.Option(constants.DEFAULT_TOP_P, "--top-p")

@@ -78,6 +78,12 @@ def test_run_reads_control_text_in_the_prompt_as_plain_text(tiny_gguf):
     assert plain["usage"]["prompt_tokens"] > raw["usage"]["prompt_tokens"] + 3
 
 
+def test_run_takes_llama_cpps_short_n_for_max_tokens(tiny_gguf):
+    opts = ["--ctx", "512", "--gpu-layers", "0", "--seed", "3", "--json", "--ignore-eos"]
+    reply = json.loads(invoke("run", "-m", tiny_gguf, "Hi", "-n", "3", *opts).stdout)
+    assert reply["usage"]["completion_tokens"] == 3 and reply["finish_reason"] == "length"
+
+
 def test_run_with_system_prompt_and_stdin(tiny_gguf):
     result = invoke("run", "-m", tiny_gguf, "-", "--system", "Be brief.", *RUN_OPTS, "--json", input="from stdin")
     assert result.exit_code == 0
