@@ -102,6 +102,8 @@ class QwQ:
         self._stop_ids = frozenset(t for s in constants.TURN_BOUNDARY_TOKENS for t in self._single_token(s))
         self._close_tokens = self.tokenize(constants.THINKING_CLOSE_TEXT)
         self._lib = lib
+        self._shared = None  # backend.batched.SharedContext when loaded with parallel > 1
+        self._views: list[QwQ] = []
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -114,7 +116,7 @@ class QwQ:
              rope_scaling: str = constants.DEFAULT_ROPE_SCALING,
              rpc: str | Sequence[str] | None = None, draft: str | Path | None = constants.DEFAULT_DRAFT,
              draft_max: int = constants.DEFAULT_DRAFT_MAX, draft_min: int = constants.DEFAULT_DRAFT_MIN,
-             draft_gpu_layers: int | None = None) -> "QwQ":
+             draft_gpu_layers: int | None = None, parallel: int = 1) -> "QwQ":
         """Load a GGUF (a path, or a cached name such as `qwq:q4_k_m`) with one context.
 
         rope_scaling "auto" applies the card's rule (static YaRN x4, orig ctx 32768, when n_ctx >
@@ -130,6 +132,11 @@ class QwQ:
         quant), loaded with its own context and draft_gpu_layers (None: all layers where this
         llama.cpp offloads to a GPU, else 0), and counted by the memory plan. Each round
         verifies between draft_min and draft_max proposals, as the adaptive length chooses.
+
+        parallel > 1 makes one context with that many sequences (continuous batching, see
+        backend/batched.py and `sequences()`): n_ctx is the whole KV cache and each sequence
+        holds n_ctx // parallel tokens, as llama-server's slots; `n_ctx` reports the per-sequence
+        length. Speculative decoding needs parallel 1 (UsageError otherwise; docs/speculative.md).
         """
         from ..chat.template import select_template
 
@@ -141,6 +148,14 @@ class QwQ:
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, not {threads}")
         rope_params(n_ctx, rope_scaling)  # range and choice check before any work
+        if parallel < 1 or parallel > constants.MAX_PARALLEL:
+            raise UsageError(f"parallel must be between 1 and {constants.MAX_PARALLEL}, not {parallel}")
+        if parallel > 1 and draft is not None:
+            raise UsageError("speculative decoding (draft) works with parallel 1 only: drop the draft or "
+                             "serve one slot (docs/speculative.md)")
+        if parallel > 1 and n_ctx // parallel < constants.MIN_CTX_PER_SEQ:
+            raise UsageError(f"n_ctx {n_ctx} split across {parallel} sequences leaves {n_ctx // parallel} tokens "
+                             f"each; give at least {constants.MIN_CTX_PER_SEQ * parallel}")
         path = _resolve(model)
         draft_path, draft_gpu_layers = _draft_choice(draft, draft_gpu_layers, draft_min=draft_min,
                                                      draft_max=draft_max)
@@ -171,13 +186,22 @@ class QwQ:
                 if key not in _WARNED_TEMPLATES:
                     _WARNED_TEMPLATES.add(key)
                     warnings.warn(f"{path.name}: {selection.warning}", UserWarning, stacklevel=2)
-            ctx = backend.Context(llm, n_ctx=int(n_ctx), n_batch=n_batch, n_threads=threads,
-                                  type_k=kv_type, type_v=kv_type, flash_attn=flash_attn, rope=rope)
+            ctx_params = dict(n_ctx=int(n_ctx), n_batch=n_batch, n_threads=threads, type_k=kv_type,
+                              type_v=kv_type, flash_attn=flash_attn, rope=rope)
+            if parallel > 1:
+                from ..backend.batched import SharedContext
+
+                shared = SharedContext(llm, n_seq=parallel, **ctx_params)
+                ctx = shared.view(0)
+            else:
+                shared = None
+                ctx = backend.Context(llm, **ctx_params)
         except BaseException:
             llm.close()
             raise
-        qwq = cls(llm, ctx, template=selection.template, rope=rope, seed=seed, kv_type=kv_type, n_ctx=int(n_ctx),
-                  normalizer=normalizer)
+        qwq = cls(llm, ctx, template=selection.template, rope=rope, seed=seed, kv_type=kv_type,
+                  n_ctx=int(n_ctx) // parallel, normalizer=normalizer)
+        qwq._shared = shared
         qwq.placement = placement
         if draft is not None:
             from .speculative import load_speculator
@@ -192,8 +216,38 @@ class QwQ:
                 raise
         return qwq
 
+    def sequences(self) -> list["QwQ"]:
+        """One QwQ per sequence of the shared context (this object is sequence 0), for the
+        server's slots: each has its own KV prefix and generates in its own thread, and their
+        llama_decode calls are merged into one batch per step (backend/batched.py). With
+        parallel 1 it is [self]. Closing this object closes them all."""
+        if self._shared is None:
+            return [self]
+        if not self._views:
+            import copy
+
+            self._views = [self]
+            for view in self._shared.views[1:]:
+                twin = copy.copy(self)
+                twin._ctx, twin._cached, twin._busy, twin._views, twin._shared = view, [], False, [], None
+                twin._owner = self
+                self._views.append(twin)
+        return list(self._views)
+
+    @property
+    def parallel(self) -> int:
+        """Sequences sharing this model's context (1 unless loaded with parallel > 1)."""
+        return self._shared.n_seq if self._shared is not None else 1
+
     def close(self) -> None:
         """Free the context and the model (also done when the object is collected)."""
+        if getattr(self, "_owner", None) is not None:  # a sequence of another QwQ: it owns the context
+            self._ctx = None
+            return
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+            self._ctx = None
         if self.speculator is not None:
             self.speculator.close()
             self.speculator = None
@@ -431,6 +485,9 @@ class QwQ:
         finally:
             self._busy = False
             lib.llama_sampler_free(chain)
+            release = getattr(ctx, "release", None)
+            if release is not None:  # a sequence of a shared context: the others stop waiting for it
+                release()
             # What the KV cache now holds, for the next request's prefix reuse; after a failure
             # half-way through a decode that is unknown, so the cache starts over.
             if ctx.n_past == len(tokens) + len(state.decoded):
