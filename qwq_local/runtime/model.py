@@ -234,6 +234,12 @@ class QwQ:
                 self._views.append(twin)
         return list(self._views)
 
+    def set_decode_hook(self, hook) -> None:
+        """hook(n_tokens, n_sequences) after every llama_decode of the shared context (parallel
+        > 1 only: metrics of continuous batching); None removes it."""
+        if self._shared is not None:
+            self._shared.on_decode = hook
+
     @property
     def parallel(self) -> int:
         """Sequences sharing this model's context (1 unless loaded with parallel > 1)."""

@@ -14,16 +14,19 @@ Rules kept here (docs/serve.md has them for users):
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from .. import constants
-from ..errors import ContextOverflowError, TemplateError, UsageError
+from ..errors import ContextOverflowError, RpcError, TemplateError, UsageError
 from ..runtime.decode import Sampling
 from . import grammar as gbnf
 from .engine import Engine, Job, QueueFull
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, chunk
+
+log = logging.getLogger("qwq_local.serve")
 
 __all__ = ["Prepared", "chat_message", "collect", "prepare_chat", "prepare_completion", "stream_chat",
            "stream_completion", "submit", "usage_of"]
@@ -73,8 +76,8 @@ def _sampling(req: Any, model: Any, answer: gbnf.AnswerGrammar | None) -> Sampli
         grammar_trigger_patterns=answer.trigger_patterns if answer is not None else ())
 
 
-def _tokens(model: Any, prompt: str) -> list[int]:
-    tokens = model.tokenize(prompt)
+def _tokens(model: Any, prompt: str, tokens: list[int] | None = None) -> list[int]:
+    tokens = model.tokenize(prompt) if tokens is None else tokens
     if len(tokens) >= model.n_ctx:
         raise APIError(400, f"This model's context per slot is {model.n_ctx} tokens, but the prompt has "
                             f"{len(tokens)} tokens; shorten the messages or start the server with a larger --ctx.",
@@ -127,11 +130,13 @@ def _answer_grammar(req: ChatCompletionRequest, model: Any, prompt: str) -> gbnf
                                close_tokens=model.think_close_tokens)
 
 
-def prepare_chat(req: ChatCompletionRequest, model: Any) -> Prepared:
-    """Validate a chat request against the model; raises APIError (400) for bad input."""
+def prepare_chat(req: ChatCompletionRequest, model: Any, *, special_in_content: bool = False) -> Prepared:
+    """Validate a chat request against the model; raises APIError (400) for bad input.
+    Control-token text inside messages stays plain text unless special_in_content (the server's
+    --special-in-content; QwQ.encode_prompt)."""
     tools = req.tools if req.tools and req.tool_choice != "none" else None
     try:
-        prompt = model.render_prompt(req.messages, tools=tools)
+        prompt, ids = model.encode_prompt(req.messages, tools=tools, special_in_content=special_in_content)
     except (TemplateError, UsageError) as exc:
         raise _bad(f"messages: {exc}", "messages") from None
     answer = _answer_grammar(req, model, prompt)
@@ -143,7 +148,7 @@ def prepare_chat(req: ChatCompletionRequest, model: Any) -> Prepared:
     budget = req.thinking_budget if req.thinking_budget is not None else req.thinking_budget_tokens
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     options = {"sampling": sampling, "max_tokens": max_tokens, "thinking_budget": budget, "stop": _stops(req.stop)}
-    return Prepared(prompt, _tokens(model, prompt), options,
+    return Prepared(prompt, _tokens(model, prompt, ids), options,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
@@ -161,7 +166,7 @@ def submit(engine: Engine, prepared: Prepared) -> Job:
     options = prepared.options
 
     def run(model, cancel):
-        return model.stream_prompt(prepared.prompt, cancel=cancel, **options)
+        return model.stream_prompt(prepared.prompt, tokens=prepared.tokens, cancel=cancel, **options)
 
     job = Job(run=run, tokens=prepared.tokens, loop=asyncio.get_running_loop())
     try:
@@ -186,6 +191,11 @@ async def _events(job: Job) -> AsyncIterator[Any]:
                 raise APIError(400, str(exc), param="messages", code="context_length_exceeded")
             if isinstance(exc, (UsageError, TemplateError)):
                 raise _bad(str(exc))
+            if isinstance(exc, RpcError):
+                # The context lives partly on the worker: nothing on this server works until restart.
+                log.error("an RPC worker failed (%s); restart the server once the worker runs again", exc)
+                raise APIError(503, "a backend worker of this server is unavailable; the server needs a restart",
+                               type="server_error", code="backend_unavailable")
             raise exc
         yield item
 
