@@ -20,59 +20,12 @@ from .decode import Cancel, Event, LoopState, Reply, Sampling, build_sampler, ro
 from .prompt import PromptEncoder, normalizer_of
 from ..errors import ContextOverflowError, UsageError
 from ..gguf.safe_load import load_model
+from .loading import check_parallel, draft_choice, gpu_layers_choice, resolve_path
 
 __all__ = ["QwQ", "Reply", "Event", "Cancel", "rope_params"]
 
 # GGUF files whose altered template was already reported in this process (warn once).
 _WARNED_TEMPLATES: set[tuple[str, int, int]] = set()
-
-
-def _resolve(model: str | Path) -> Path:
-    try:
-        from ..hub.download import resolve_model
-    except ImportError:  # pragma: no cover - hub is part of the package; kept for partial installs
-        return Path(model).expanduser()
-    return resolve_model(model)
-
-
-def _gpu_layers(choice: int | str, path: Path, *, n_ctx: int, kv_type: str, flash_attn: bool | None,
-                n_batch: int, draft: Path | None = None, draft_gpu_layers: int = 0) -> tuple[int, int, str]:
-    """(gpu layers, context, why) for the gpu_layers option; "auto" asks the memory planner,
-    which may also shorten the context when the asked one does not fit."""
-    if isinstance(choice, str):
-        if choice.strip().lower() != "auto":
-            try:
-                choice = int(choice)
-            except ValueError:
-                raise UsageError(f"gpu_layers must be 'auto' or a number of layers, not {choice!r}") from None
-    if isinstance(choice, int):
-        if choice < -1:
-            raise UsageError(f"gpu_layers must be 'auto', -1 (all) or >= 0, not {choice}")
-        return choice, n_ctx, f"{choice} GPU layers as asked"
-    from ..plan.memory import auto_gpu_layers
-
-    # Also on CPU-only builds: the planner then checks the model fits in RAM (and refuses
-    # with alternatives) instead of letting the kernel kill the process mid-load.
-    fit = auto_gpu_layers(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
-                          draft=draft, draft_gpu_layers=draft_gpu_layers)
-    return int(fit.gpu_layers), min(int(fit.n_ctx), n_ctx), fit.reason
-
-
-def _draft_choice(draft: str | Path | None, gpu_layers: int | None, *, draft_min: int,
-                  draft_max: int) -> tuple[Path | None, int]:
-    """(the draft GGUF's path or None for none/"ngram", its GPU layers), checked before any load."""
-    from .speculative import AdaptiveLength
-
-    AdaptiveLength(draft_min=draft_min, draft_max=draft_max)  # range check
-    if draft is None or str(draft).strip().lower() == constants.DRAFT_NGRAM:
-        return None, 0
-    if gpu_layers is None:
-        from ..plan.hardware import build
-
-        gpu_layers = -1 if build().gpu_offload else 0
-    if gpu_layers < -1:
-        raise UsageError(f"draft_gpu_layers must be -1 (all) or >= 0, not {gpu_layers}")
-    return _resolve(draft), int(gpu_layers)
 
 
 class QwQ:
@@ -148,16 +101,9 @@ class QwQ:
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, not {threads}")
         rope_params(n_ctx, rope_scaling)  # range and choice check before any work
-        if parallel < 1 or parallel > constants.MAX_PARALLEL:
-            raise UsageError(f"parallel must be between 1 and {constants.MAX_PARALLEL}, not {parallel}")
-        if parallel > 1 and draft is not None:
-            raise UsageError("speculative decoding (draft) works with parallel 1 only: drop the draft or "
-                             "serve one slot (docs/speculative.md)")
-        if parallel > 1 and n_ctx // parallel < constants.MIN_CTX_PER_SEQ:
-            raise UsageError(f"n_ctx {n_ctx} split across {parallel} sequences leaves {n_ctx // parallel} tokens "
-                             f"each; give at least {constants.MIN_CTX_PER_SEQ * parallel}")
-        path = _resolve(model)
-        draft_path, draft_gpu_layers = _draft_choice(draft, draft_gpu_layers, draft_min=draft_min,
+        check_parallel(parallel, n_ctx=int(n_ctx), draft=draft)
+        path = resolve_path(model)
+        draft_path, draft_gpu_layers = draft_choice(draft, draft_gpu_layers, draft_min=draft_min,
                                                      draft_max=draft_max)
         workers: dict[str, Any] = {}
         if rpc:
@@ -167,9 +113,9 @@ class QwQ:
                                                                   flash_attn=flash_attn, gpu_layers=gpu_layers)
             fitted_ctx = n_ctx
         else:
-            layers, fitted_ctx, placement = _gpu_layers(gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type,
-                                                        flash_attn=flash_attn, n_batch=n_batch, draft=draft_path,
-                                                        draft_gpu_layers=draft_gpu_layers)
+            layers, fitted_ctx, placement = gpu_layers_choice(
+                gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
+                draft=draft_path, draft_gpu_layers=draft_gpu_layers, n_seq=parallel)
         if fitted_ctx < n_ctx:
             warnings.warn(f"context reduced from {n_ctx} to {fitted_ctx} tokens to fit memory: {placement}",
                           UserWarning, stacklevel=2)
@@ -239,11 +185,6 @@ class QwQ:
         > 1 only: metrics of continuous batching); None removes it."""
         if self._shared is not None:
             self._shared.on_decode = hook
-
-    @property
-    def parallel(self) -> int:
-        """Sequences sharing this model's context (1 unless loaded with parallel > 1)."""
-        return self._shared.n_seq if self._shared is not None else 1
 
     def close(self) -> None:
         """Free the context and the model (also done when the object is collected)."""
