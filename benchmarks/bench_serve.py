@@ -2,14 +2,15 @@
 
     .venv/bin/python benchmarks/bench_serve.py [--model FILE.gguf] [--tokens 128] [--threads 2]
                                                [--streams 1,2,4,8] [--prompt-tokens 1024]
-                                               [--llama-server PATH] [--json]
+                                               [--parallel N] [--llama-server PATH] [--json]
 
 Without --model it uses bench_runtime.py's QwQ-shaped random Q4_K_M model (hidden 1024, 8
 layers, built once in --workdir). Reported:
 - one stream's tokens/s through HTTP/SSE against `QwQ.bench` tg (what `qwq-local bench` prints)
   on the same model and threads (goal >= 0.97);
 - aggregate tokens/s at 1, 2, 4, 8 concurrent streams (each stream `--tokens` tokens, end
-  tokens banned so every stream runs its full length);
+  tokens banned so every stream runs its full length) on one server with --parallel N slots
+  (default: the most streams, so every stream has a slot; --ctx is N times one stream's);
 - time to first token for a prompt of about --prompt-tokens tokens, cold and again with the
   prompt cached in the slot's KV cache;
 - with --llama-server PATH: the same runs against llama.cpp's llama-server `-np N` on the
@@ -40,7 +41,7 @@ USER = [{"role": "user", "content": "Write a long story about a lighthouse keepe
 
 
 def start_qwq(model: Path, *, ctx: int, threads: int, parallel: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "qwq_local.cli", "serve", "-m", str(model), "--port", "0", "--ctx", str(ctx),
+    cmd = [sys.executable, "-m", "qwq_local.cli", "serve", "-m", str(model), "--port", "0", "--ctx", str(ctx * parallel),
            "--threads", str(threads), "--alias", "bench", "--parallel", str(parallel), "--queue", "64"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -137,7 +138,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--streams", default="1,2,4,8")
     parser.add_argument("--prompt-tokens", type=int, default=1024)
-    parser.add_argument("--parallel", type=int, default=1, help="slots of qwq-local serve (this version: 1)")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="slots of qwq-local serve (default: the most --streams), each with the context of one")
     parser.add_argument("--llama-server", help="path to llama.cpp's llama-server, to compare against")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -154,13 +156,15 @@ def main() -> int:
         tg = m.bench(prompt_tokens=16, gen_tokens=args.tokens)["tg_tps"]
         bias = {str(t): -100 for t in m.eog_bias()}
     note(f"  tg {tg:.1f} tok/s; qwq-local serve ...")
-    proc, url = start_qwq(model, ctx=ctx, threads=args.threads, parallel=args.parallel)
+    parallel = args.parallel or max(streams)
+    proc, url = start_qwq(model, ctx=ctx, threads=args.threads, parallel=parallel)
     try:
         ours = run_server(url, tokens=args.tokens, streams=streams, prompt_tokens=args.prompt_tokens, bias=bias)
     finally:
         proc.terminate()
         proc.wait(30)
-    result = {"model": str(model), "threads": args.threads, "tokens": args.tokens, "bench_tg_tps": tg,
+    result = {"model": str(model), "threads": args.threads, "tokens": args.tokens, "parallel": parallel,
+              "bench_tg_tps": tg,
               "qwq_local": ours, "single_vs_bench_tg": ours["single_tps"] / tg if tg else None}
     if args.llama_server:
         path = shutil.which(args.llama_server) or args.llama_server
@@ -175,7 +179,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"model {model.name}, {args.threads} threads, {args.tokens} tokens per stream")
+    print(f"model {model.name}, {args.threads} threads, {args.tokens} tokens per stream, --parallel {parallel}")
     print(f"qwq-local bench tg:        {tg:8.1f} tok/s")
     print(f"one stream via HTTP/SSE:   {ours['single_tps']:8.1f} tok/s  ({result['single_vs_bench_tg']:.3f} of tg)")
     for n, v in ours["aggregate_tps"].items():

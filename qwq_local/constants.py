@@ -269,6 +269,14 @@ SERVE_DEFAULT_HOST = "127.0.0.1"
 SERVE_DEFAULT_PORT = 8014
 # Requests that may wait for a free slot; the next one gets 503 + Retry-After.
 SERVE_QUEUE_SIZE = 16
+# --parallel: slots sharing one context (llama.cpp's n_seq_max; its LLAMA_MAX_SEQ is 256), each
+# with at least MIN_CTX_PER_SEQ positions of the KV cache.
+MAX_PARALLEL = 64
+# A request goes to the slot whose cached tokens share the longest prefix with its prompt when
+# that prefix is at least this share of the prompt (llama-server's --slot-prompt-similarity
+# default, 0.5); otherwise to the least recently used free slot.
+SERVE_SLOT_SIMILARITY = 0.5
+MIN_CTX_PER_SEQ = 64
 # Request body limit: far above any prompt that fits 131072 tokens.
 SERVE_MAX_BODY_BYTES = 8 * 1024 * 1024
 # Seconds between SSE comment pings on a quiet stream (a long prompt read), so proxies keep it.

@@ -287,7 +287,8 @@ class Context:
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = constants.DEFAULT_N_BATCH,
                  n_ubatch: int | None = None, n_threads: int | None = None,
                  n_threads_batch: int | None = None, type_k: str = "f16", type_v: str = "f16",
-                 flash_attn: bool | None = None, rope: dict | None = None, logits_all: bool = False):
+                 flash_attn: bool | None = None, rope: dict | None = None, logits_all: bool = False,
+                 n_seq: int = 1):
         lib = llama()
         if type_k not in GGML_TYPES or type_v not in GGML_TYPES:
             raise UsageError(f"unknown KV cache type {type_k}/{type_v}; use one of {', '.join(constants.KV_TYPES)}")
@@ -296,7 +297,9 @@ class Context:
         params.n_ctx = int(n_ctx)
         params.n_batch = int(min(n_batch, n_ctx))
         params.n_ubatch = int(min(n_ubatch or n_batch, n_batch, n_ctx))
-        params.n_seq_max = 1
+        # n_seq > 1: one KV stream of n_ctx/n_seq cells per sequence (llama.cpp's default,
+        # kv_unified off), driven through backend/batched.py's SharedContext.
+        params.n_seq_max = int(n_seq)
         params.n_threads = threads
         params.n_threads_batch = n_threads_batch or threads
         params.type_k = GGML_TYPES[type_k]
@@ -332,6 +335,9 @@ class Context:
             self._batch.n_seq_id[i] = 1
             self._batch.seq_id[i][0] = 0
         self.n_past = 0
+        # The batch row whose logits the next sample reads (-1: the last output); a
+        # batched.SequenceView sets its own row in a shared batch.
+        self.out_index = -1
 
     def close(self) -> None:
         lib = llama()

@@ -16,7 +16,8 @@ def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int],
                 template: str, kv_type: str, flash_attn: Optional[bool] = None,
                 rope_scaling: str = constants.DEFAULT_ROPE_SCALING, rpc: Optional[str] = None,
                 draft: Optional[str] = None, draft_max: int = constants.DEFAULT_DRAFT_MAX,
-                draft_min: int = constants.DEFAULT_DRAFT_MIN, draft_gpu_layers: Optional[int] = None):
+                draft_min: int = constants.DEFAULT_DRAFT_MIN, draft_gpu_layers: Optional[int] = None,
+                parallel: int = 1):
     import warnings
 
     from ..runtime.model import QwQ
@@ -36,7 +37,8 @@ def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int],
         warnings.simplefilter("always", UserWarning)
         llm = QwQ.load(model, n_ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
                        kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling, rpc=rpc, draft=draft,
-                       draft_max=draft_max, draft_min=draft_min, draft_gpu_layers=draft_gpu_layers)
+                       draft_max=draft_max, draft_min=draft_min, draft_gpu_layers=draft_gpu_layers,
+                       parallel=parallel)
     for warning in caught:
         err(f"warning: {warning.message}")
     return llm

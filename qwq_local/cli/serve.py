@@ -16,7 +16,8 @@ def serve_cmd(
     host: str = typer.Option(constants.SERVE_DEFAULT_HOST, "--host", help="Address to bind (loopback by default; "
                                                                           "others need --api-key)."),
     port: int = typer.Option(constants.SERVE_DEFAULT_PORT, "--port", help="Port (0: any free port)."),
-    parallel: int = typer.Option(1, "--parallel", help="Slots generating at once (this version: 1)."),
+    parallel: int = typer.Option(1, "--parallel", "-np", help="Slots generating at once, sharing one context "
+                                                              "(continuous batching); --ctx is split between them."),
     queue: int = typer.Option(constants.SERVE_QUEUE_SIZE, "--queue", help="Requests that may wait for a slot; "
                                                                           "more get 503 + Retry-After."),
     ctx: int = opts.CTX,
@@ -28,6 +29,7 @@ def serve_cmd(
     flash_attn: Optional[bool] = opts.FA,
     rope_scaling: str = opts.ROPE,
     seed: Optional[int] = opts.SEED,
+    special_in_content: bool = opts.SPECIAL_IN_CONTENT,
     draft: Optional[str] = opts.DRAFT,
     draft_max: int = opts.DRAFT_MAX,
     draft_min: int = opts.DRAFT_MIN,
@@ -49,13 +51,19 @@ def serve_cmd(
     if warning:
         err(f"warning: {warning}")
     check_parallel(parallel)
+    if draft is not None and parallel > 1:
+        # Verifying each slot's proposals inside the shared batch is not implemented yet.
+        err(f"warning: speculative decoding is off with --parallel {parallel} (it needs one slot; "
+            "see docs/speculative.md)")
+        draft = None
     llm = load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
                      kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling, rpc=rpc, draft=draft,
-                     draft_max=draft_max, draft_min=draft_min, draft_gpu_layers=draft_gpu_layers)
+                     draft_max=draft_max, draft_min=draft_min, draft_gpu_layers=draft_gpu_layers, parallel=parallel)
 
     def ready(url: str) -> None:
-        typer.echo(f"qwq-local: serving {llm.path.name} at {url}/v1 (chat page: {url}/)", err=False)
+        slots = f", {parallel} slots of {llm.n_ctx} tokens" if parallel > 1 else ""
+        typer.echo(f"qwq-local: serving {llm.path.name} at {url}/v1 (chat page: {url}/){slots}", err=False)
 
     serve(llm, host=host, port=port, api_key=api_key, no_api_key=no_api_key, alias=alias, cors=cors,
-          parallel=parallel, queue_size=queue, on_ready=ready)
+          parallel=parallel, queue_size=queue, special_in_content=special_in_content, on_ready=ready)
     err("server stopped")

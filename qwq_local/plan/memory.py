@@ -137,7 +137,8 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
          vram: int | None = None, ram: int | None = None, use_mmap: bool = True,
          offload_kqv: bool = True, repack: bool | None = None, logits_all: bool = False,
          dry_run: bool = False, rope_scaling: str = constants.DEFAULT_ROPE_SCALING,
-         draft: Path | str | ModelShape | None = None, draft_gpu_layers: int | str = 0) -> MemoryPlan:
+         draft: Path | str | ModelShape | None = None, draft_gpu_layers: int | str = 0,
+         n_seq: int = 1) -> MemoryPlan:
     """Predict llama.cpp's allocations for `model` (a GGUF path) with these settings.
 
     gpu_layers: a number (0 = CPU only, n_layer + 1 or -1 = everything) or "auto" (see
@@ -154,6 +155,9 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
     draft: a speculative-decoding draft GGUF, planned with the same context and KV settings at
     draft_gpu_layers (its own context: QwQ.load(draft=...)); its bytes count in the totals and
     the fit (plan.draft holds its breakdown).
+    n_seq: sequences sharing the context (the server's --parallel slots). n_ctx is the KV cache of
+    all of them (n_ctx // n_seq cells each, llama.cpp's non-unified KV), so the KV bytes are
+    those of n_ctx; the output buffer holds at least n_seq rows (llama_context::output_reserve).
     """
     rope = rope_params(n_ctx, rope_scaling)  # also the n_ctx range check
     shape = read_shape(model)
@@ -162,7 +166,7 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
         fit = auto_gpu_layers(shape, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
                               n_ubatch=n_ubatch, vram=vram, ram=ram, use_mmap=use_mmap, repack=repack,
                               dry_run=dry_run or None, rope_scaling=rope_scaling, draft=draft,
-                              draft_gpu_layers=draft_gpu_layers)
+                              draft_gpu_layers=draft_gpu_layers, n_seq=n_seq)
         return fit.plan
     if n_batch < 1 or n_ubatch < 1:
         raise UsageError(f"batch sizes must be at least 1, not n_batch={n_batch}, n_ubatch={n_ubatch}")
@@ -243,8 +247,8 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
             for name, size in got.buffers.get("compute", {}).items():
                 compute[buffer_device(name)] += size
             source = "llama.cpp dry run"
-    # output_reserve(): n_vocab floats per output, max(outputs in a batch, n_seq_max = 1).
-    output = {"cpu": shape.n_vocab * 4 * (batch if logits_all else 1), "gpu": 0}
+    # output_reserve(): n_vocab floats per output, max(outputs in a batch, n_seq_max).
+    output = {"cpu": shape.n_vocab * 4 * max(batch if logits_all else 1, int(n_seq)), "gpu": 0}
 
     result = MemoryPlan(
         model=str(shape.path), gpu_layers=ngl, n_layer=n_layer, n_ctx=ctx, n_ctx_requested=int(n_ctx),
@@ -331,7 +335,8 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
                     vram: int | None = None, ram: int | None = None, min_ctx: int = constants.PLAN_MIN_CTX,
                     use_mmap: bool = True, repack: bool | None = None, dry_run: bool | None = None,
                     rope_scaling: str = constants.DEFAULT_ROPE_SCALING,
-                    draft: Path | str | ModelShape | None = None, draft_gpu_layers: int | str = 0) -> AutoFit:
+                    draft: Path | str | ModelShape | None = None, draft_gpu_layers: int | str = 0,
+                    n_seq: int = 1) -> AutoFit:
     """The most GPU layers that fit free VRAM and RAM (each minus a margin) at n_ctx; if nothing
     fits, the largest context (a multiple of 256) down to `min_ctx` at which something does.
 
@@ -357,7 +362,8 @@ def auto_gpu_layers(model: Path | str | ModelShape, *, n_ctx: int = constants.DE
         dry_run = max_layers > 0 and hardware.build().gpu_offload
     kw = dict(kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, dry_run=dry_run,
               vram=vram, ram=ram, use_mmap=use_mmap, repack=repack, rope_scaling=rope_scaling,
-              draft=read_shape(draft) if draft is not None else None, draft_gpu_layers=draft_gpu_layers)
+              draft=read_shape(draft) if draft is not None else None, draft_gpu_layers=draft_gpu_layers,
+              n_seq=n_seq)
 
     def best_at(ctx: int) -> tuple[MemoryPlan | None, MemoryPlan]:
         """The plan with the most GPU layers that fits at `ctx` (None if none does), and the

@@ -248,7 +248,7 @@ def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset
             if cancelled is not None and cancelled():
                 state.finish_reason = "interrupted"
                 break
-            tok = sample(chain, ctx_ptr, -1)
+            tok = sample(chain, ctx_ptr, ctx.out_index)
             if tok in stop_ids or is_eog(vocab, tok):
                 state.finish_reason = "stop"
                 break

@@ -20,59 +20,12 @@ from .decode import Cancel, Event, LoopState, Reply, Sampling, build_sampler, ro
 from .prompt import PromptEncoder, normalizer_of
 from ..errors import ContextOverflowError, UsageError
 from ..gguf.safe_load import load_model
+from .loading import check_parallel, draft_choice, gpu_layers_choice, resolve_path
 
 __all__ = ["QwQ", "Reply", "Event", "Cancel", "rope_params"]
 
 # GGUF files whose altered template was already reported in this process (warn once).
 _WARNED_TEMPLATES: set[tuple[str, int, int]] = set()
-
-
-def _resolve(model: str | Path) -> Path:
-    try:
-        from ..hub.download import resolve_model
-    except ImportError:  # pragma: no cover - hub is part of the package; kept for partial installs
-        return Path(model).expanduser()
-    return resolve_model(model)
-
-
-def _gpu_layers(choice: int | str, path: Path, *, n_ctx: int, kv_type: str, flash_attn: bool | None,
-                n_batch: int, draft: Path | None = None, draft_gpu_layers: int = 0) -> tuple[int, int, str]:
-    """(gpu layers, context, why) for the gpu_layers option; "auto" asks the memory planner,
-    which may also shorten the context when the asked one does not fit."""
-    if isinstance(choice, str):
-        if choice.strip().lower() != "auto":
-            try:
-                choice = int(choice)
-            except ValueError:
-                raise UsageError(f"gpu_layers must be 'auto' or a number of layers, not {choice!r}") from None
-    if isinstance(choice, int):
-        if choice < -1:
-            raise UsageError(f"gpu_layers must be 'auto', -1 (all) or >= 0, not {choice}")
-        return choice, n_ctx, f"{choice} GPU layers as asked"
-    from ..plan.memory import auto_gpu_layers
-
-    # Also on CPU-only builds: the planner then checks the model fits in RAM (and refuses
-    # with alternatives) instead of letting the kernel kill the process mid-load.
-    fit = auto_gpu_layers(path, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
-                          draft=draft, draft_gpu_layers=draft_gpu_layers)
-    return int(fit.gpu_layers), min(int(fit.n_ctx), n_ctx), fit.reason
-
-
-def _draft_choice(draft: str | Path | None, gpu_layers: int | None, *, draft_min: int,
-                  draft_max: int) -> tuple[Path | None, int]:
-    """(the draft GGUF's path or None for none/"ngram", its GPU layers), checked before any load."""
-    from .speculative import AdaptiveLength
-
-    AdaptiveLength(draft_min=draft_min, draft_max=draft_max)  # range check
-    if draft is None or str(draft).strip().lower() == constants.DRAFT_NGRAM:
-        return None, 0
-    if gpu_layers is None:
-        from ..plan.hardware import build
-
-        gpu_layers = -1 if build().gpu_offload else 0
-    if gpu_layers < -1:
-        raise UsageError(f"draft_gpu_layers must be -1 (all) or >= 0, not {gpu_layers}")
-    return _resolve(draft), int(gpu_layers)
 
 
 class QwQ:
@@ -102,6 +55,8 @@ class QwQ:
         self._stop_ids = frozenset(t for s in constants.TURN_BOUNDARY_TOKENS for t in self._single_token(s))
         self._close_tokens = self.tokenize(constants.THINKING_CLOSE_TEXT)
         self._lib = lib
+        self._shared = None  # backend.batched.SharedContext when loaded with parallel > 1
+        self._views: list[QwQ] = []
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -114,7 +69,7 @@ class QwQ:
              rope_scaling: str = constants.DEFAULT_ROPE_SCALING,
              rpc: str | Sequence[str] | None = None, draft: str | Path | None = constants.DEFAULT_DRAFT,
              draft_max: int = constants.DEFAULT_DRAFT_MAX, draft_min: int = constants.DEFAULT_DRAFT_MIN,
-             draft_gpu_layers: int | None = None) -> "QwQ":
+             draft_gpu_layers: int | None = None, parallel: int = 1) -> "QwQ":
         """Load a GGUF (a path, or a cached name such as `qwq:q4_k_m`) with one context.
 
         rope_scaling "auto" applies the card's rule (static YaRN x4, orig ctx 32768, when n_ctx >
@@ -130,6 +85,11 @@ class QwQ:
         quant), loaded with its own context and draft_gpu_layers (None: all layers where this
         llama.cpp offloads to a GPU, else 0), and counted by the memory plan. Each round
         verifies between draft_min and draft_max proposals, as the adaptive length chooses.
+
+        parallel > 1 makes one context with that many sequences (continuous batching, see
+        backend/batched.py and `sequences()`): n_ctx is the whole KV cache and each sequence
+        holds n_ctx // parallel tokens, as llama-server's slots; `n_ctx` reports the per-sequence
+        length. Speculative decoding needs parallel 1 (UsageError otherwise; docs/speculative.md).
         """
         from ..chat.template import select_template
 
@@ -141,8 +101,9 @@ class QwQ:
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, not {threads}")
         rope_params(n_ctx, rope_scaling)  # range and choice check before any work
-        path = _resolve(model)
-        draft_path, draft_gpu_layers = _draft_choice(draft, draft_gpu_layers, draft_min=draft_min,
+        check_parallel(parallel, n_ctx=int(n_ctx), draft=draft)
+        path = resolve_path(model)
+        draft_path, draft_gpu_layers = draft_choice(draft, draft_gpu_layers, draft_min=draft_min,
                                                      draft_max=draft_max)
         workers: dict[str, Any] = {}
         if rpc:
@@ -152,9 +113,9 @@ class QwQ:
                                                                   flash_attn=flash_attn, gpu_layers=gpu_layers)
             fitted_ctx = n_ctx
         else:
-            layers, fitted_ctx, placement = _gpu_layers(gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type,
-                                                        flash_attn=flash_attn, n_batch=n_batch, draft=draft_path,
-                                                        draft_gpu_layers=draft_gpu_layers)
+            layers, fitted_ctx, placement = gpu_layers_choice(
+                gpu_layers, path, n_ctx=int(n_ctx), kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
+                draft=draft_path, draft_gpu_layers=draft_gpu_layers, n_seq=parallel)
         if fitted_ctx < n_ctx:
             warnings.warn(f"context reduced from {n_ctx} to {fitted_ctx} tokens to fit memory: {placement}",
                           UserWarning, stacklevel=2)
@@ -171,13 +132,22 @@ class QwQ:
                 if key not in _WARNED_TEMPLATES:
                     _WARNED_TEMPLATES.add(key)
                     warnings.warn(f"{path.name}: {selection.warning}", UserWarning, stacklevel=2)
-            ctx = backend.Context(llm, n_ctx=int(n_ctx), n_batch=n_batch, n_threads=threads,
-                                  type_k=kv_type, type_v=kv_type, flash_attn=flash_attn, rope=rope)
+            ctx_params = dict(n_ctx=int(n_ctx), n_batch=n_batch, n_threads=threads, type_k=kv_type,
+                              type_v=kv_type, flash_attn=flash_attn, rope=rope)
+            if parallel > 1:
+                from ..backend.batched import SharedContext
+
+                shared = SharedContext(llm, n_seq=parallel, **ctx_params)
+                ctx = shared.view(0)
+            else:
+                shared = None
+                ctx = backend.Context(llm, **ctx_params)
         except BaseException:
             llm.close()
             raise
-        qwq = cls(llm, ctx, template=selection.template, rope=rope, seed=seed, kv_type=kv_type, n_ctx=int(n_ctx),
-                  normalizer=normalizer)
+        qwq = cls(llm, ctx, template=selection.template, rope=rope, seed=seed, kv_type=kv_type,
+                  n_ctx=int(n_ctx) // parallel, normalizer=normalizer)
+        qwq._shared = shared
         qwq.placement = placement
         if draft is not None:
             from .speculative import load_speculator
@@ -192,8 +162,39 @@ class QwQ:
                 raise
         return qwq
 
+    def sequences(self) -> list["QwQ"]:
+        """One QwQ per sequence of the shared context (this object is sequence 0), for the
+        server's slots: each has its own KV prefix and generates in its own thread, and their
+        llama_decode calls are merged into one batch per step (backend/batched.py). With
+        parallel 1 it is [self]. Closing this object closes them all."""
+        if self._shared is None:
+            return [self]
+        if not self._views:
+            import copy
+
+            self._views = [self]
+            for view in self._shared.views[1:]:
+                twin = copy.copy(self)
+                twin._ctx, twin._cached, twin._busy, twin._views, twin._shared = view, [], False, [], None
+                twin._owner = self
+                self._views.append(twin)
+        return list(self._views)
+
+    def set_decode_hook(self, hook) -> None:
+        """hook(n_tokens, n_sequences) after every llama_decode of the shared context (parallel
+        > 1 only: metrics of continuous batching); None removes it."""
+        if self._shared is not None:
+            self._shared.on_decode = hook
+
     def close(self) -> None:
         """Free the context and the model (also done when the object is collected)."""
+        if getattr(self, "_owner", None) is not None:  # a sequence of another QwQ: it owns the context
+            self._ctx = None
+            return
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+            self._ctx = None
         if self.speculator is not None:
             self.speculator.close()
             self.speculator = None
@@ -431,6 +432,9 @@ class QwQ:
         finally:
             self._busy = False
             lib.llama_sampler_free(chain)
+            release = getattr(ctx, "release", None)
+            if release is not None:  # a sequence of a shared context: the others stop waiting for it
+                release()
             # What the KV cache now holds, for the next request's prefix reuse; after a failure
             # half-way through a decode that is unknown, so the cache starts over.
             if ctx.n_past == len(tokens) + len(state.decoded):

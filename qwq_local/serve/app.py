@@ -11,6 +11,7 @@ model; 413 a body over the limit; 503 with Retry-After while loading or when the
 
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -40,9 +41,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 class ServeConfig:
     """Server options. alias: the model id clients send and /v1/models lists (default: the file
     name without .gguf); api_key: required as `Authorization: Bearer KEY` on /v1 and /metrics;
-    cors: an allowed origin ("*" for any), None keeps CORS off; parallel: slots; queue_size:
-    requests that may wait for a slot; max_body_bytes: larger bodies get 413; load: QwQ.load
-    keywords when the app loads the model itself."""
+    cors: an allowed origin ("*" for any), None keeps CORS off; parallel: slots sharing one
+    context (continuous batching; a loaded model must come with QwQ.load(parallel=...) alike);
+    queue_size: requests that may wait for a slot; max_body_bytes: larger bodies get 413;
+    special_in_content: control-token text in messages becomes control tokens (off: plain
+    text, see QwQ.encode_prompt); load: QwQ.load keywords when the app loads the model itself."""
 
     alias: str | None = None
     api_key: str | None = None
@@ -50,6 +53,7 @@ class ServeConfig:
     parallel: int = 1
     queue_size: int = constants.SERVE_QUEUE_SIZE
     max_body_bytes: int = constants.SERVE_MAX_BODY_BYTES
+    special_in_content: bool = False
     load: dict | None = None
 
 
@@ -63,9 +67,8 @@ class _State:
 
 
 def check_parallel(parallel: int) -> None:
-    if parallel != 1:
-        raise UsageError(f"--parallel {parallel}: this version serves one slot per server (parallel 1); "
-                         "requests beyond it wait in the queue (see docs/serve.md)")
+    if not 1 <= parallel <= constants.MAX_PARALLEL:
+        raise UsageError(f"--parallel must be between 1 and {constants.MAX_PARALLEL} slots, not {parallel}")
 
 
 def create_app(model: Any, config: ServeConfig | None = None):
@@ -93,13 +96,18 @@ def create_app(model: Any, config: ServeConfig | None = None):
                           slots_busy=lambda: state.engine.slots_busy() if state.engine else 0,
                           kv_cells=lambda: state.engine.kv_cells_used() if state.engine else 0)
         state.metrics = metrics
-        state.engine = Engine([qwq], queue_size=config.queue_size, on_done=metrics.on_reply)
+        slots = qwq.sequences()
+        if len(slots) != config.parallel:
+            raise UsageError(f"the model was loaded with parallel={len(slots)} but the server asks for "
+                             f"{config.parallel} slots; load it with QwQ.load(..., parallel={config.parallel})")
+        qwq.set_decode_hook(metrics.on_decode)
+        state.engine = Engine(slots, queue_size=config.queue_size, on_done=metrics.on_reply)
 
     def load_in_background() -> None:
         from ..runtime.model import QwQ
 
         try:
-            start(QwQ.load(model, **(config.load or {})))
+            start(QwQ.load(model, **{"parallel": config.parallel, **(config.load or {})}))
         except Exception as exc:  # /health reports it; the process keeps answering
             log.exception("loading the model failed")
             state.error = str(exc)
@@ -211,7 +219,8 @@ def create_app(model: Any, config: ServeConfig | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _, cid, created, reply = await begin(body, request, handlers.prepare_chat, handlers.stream_chat, "chatcmpl")
+        _, cid, created, reply = await begin(body, request, functools.partial(handlers.prepare_chat, special_in_content=config.special_in_content),
+                                              handlers.stream_chat, "chatcmpl")
         if body.stream:
             return reply
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,

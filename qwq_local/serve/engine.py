@@ -6,8 +6,9 @@ Each slot runs its jobs in its own thread (llama.cpp releases the GIL while it c
 asyncio side only waits on a job's event queue. A job's `cancel` stops its generation after
 the current token, so a client that goes away frees the slot within one decode step.
 
-Phase 1 serves one slot per model context: `--parallel N` with N > 1 is refused by the app
-factory until slots share one context with one `llama_decode` per step (see docs/serve.md).
+With `--parallel N` the slots are the N sequences of one shared llama.cpp context
+(QwQ.sequences()): each slot thread runs the same single-sequence code as QwQ.stream_prompt, and
+backend/batched.py merges their llama_decode calls into one batch per step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import constants
 from ..runtime.decode import Cancel
 
 log = logging.getLogger("qwq_local.serve")
@@ -70,6 +72,7 @@ class Slot:
         self.model = model
         self.job: Job | None = None
         self.cached: list[int] = []  # prompt + generated tokens of the last job (its KV prefix)
+        self.last_used = 0  # dispatch count when its last job started (least recently used first)
         self.wake = threading.Event()
 
     @property
@@ -87,6 +90,7 @@ class Engine:
         self._lock = threading.Lock()
         self._stopping = False
         self._on_done = on_done
+        self._dispatched = 0
         self._threads = [threading.Thread(target=self._work, args=(s,), name=f"qwq-slot-{s.index}", daemon=True)
                          for s in self.slots]
         for t in self._threads:
@@ -147,10 +151,23 @@ class Engine:
             if job.cancel.is_set():  # the client left while it waited
                 job.put(None)
                 continue
-            slot = max(free, key=lambda s: common_prefix(s.cached, job.tokens))
+            slot = self._pick(free, job.tokens)
+            self._dispatched += 1
+            slot.last_used = self._dispatched
             slot.job = job
             job.slot = slot.index
             slot.wake.set()
+
+    @staticmethod
+    def _pick(free: list[Slot], tokens: list[int]) -> Slot:
+        """The free slot sharing the longest prefix with `tokens` when that prefix covers at least
+        SERVE_SLOT_SIMILARITY of them (a continued conversation); otherwise the least recently
+        used one, so that a new conversation does not evict another's KV prefix over a shared
+        template header (llama-server's slot_prompt_similarity, then LRU)."""
+        best = max(free, key=lambda s: common_prefix(s.cached, tokens))
+        if common_prefix(best.cached, tokens) >= constants.SERVE_SLOT_SIMILARITY * len(tokens):
+            return best
+        return min(free, key=lambda s: s.last_used)
 
     def _work(self, slot: Slot) -> None:
         while True:

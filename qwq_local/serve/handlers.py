@@ -14,16 +14,19 @@ Rules kept here (docs/serve.md has them for users):
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from .. import constants
-from ..errors import ContextOverflowError, TemplateError, UsageError
+from ..errors import ContextOverflowError, RpcError, TemplateError, UsageError
 from ..runtime.decode import Sampling
 from . import grammar as gbnf
 from .engine import Engine, Job, QueueFull
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, chunk
+
+log = logging.getLogger("qwq_local.serve")
 
 __all__ = ["Prepared", "chat_message", "collect", "prepare_chat", "prepare_completion", "stream_chat",
            "stream_completion", "submit", "usage_of"]
@@ -126,13 +129,15 @@ def _answer_grammar(req: ChatCompletionRequest, model: Any, prompt: str) -> gbnf
                                close_tokens=model.think_close_tokens)
 
 
-def prepare_chat(req: ChatCompletionRequest, model: Any) -> Prepared:
-    """Validate a chat request against the model; raises APIError (400) for bad input."""
+def prepare_chat(req: ChatCompletionRequest, model: Any, *, special_in_content: bool = False) -> Prepared:
+    """Validate a chat request against the model; raises APIError (400) for bad input.
+    Control-token text inside messages stays plain text unless special_in_content (the server's
+    --special-in-content; QwQ.encode_prompt)."""
     tools = req.tools if req.tools and req.tool_choice != "none" else None
     try:
         # encode_prompt, not tokenize(render_prompt(...)): control-token text inside messages
         # stays plain text, so a message cannot forge turns or close the thought.
-        prompt, tokens = model.encode_prompt(req.messages, tools=tools)
+        prompt, tokens = model.encode_prompt(req.messages, tools=tools, special_in_content=special_in_content)
     except (TemplateError, UsageError) as exc:
         raise _bad(f"messages: {exc}", "messages") from None
     answer = _answer_grammar(req, model, prompt)
@@ -193,6 +198,11 @@ async def _events(job: Job) -> AsyncIterator[Any]:
                 raise APIError(400, str(exc), param="messages", code="context_length_exceeded")
             if isinstance(exc, (UsageError, TemplateError)):
                 raise _bad(str(exc))
+            if isinstance(exc, RpcError):
+                # The context lives partly on the worker: nothing on this server works until restart.
+                log.error("an RPC worker failed (%s); restart the server once the worker runs again", exc)
+                raise APIError(503, "a backend worker of this server is unavailable; the server needs a restart",
+                               type="server_error", code="backend_unavailable")
             raise exc
         yield item
 

@@ -24,6 +24,12 @@ class Metrics:
                                          registry=r)
         self.tokens_per_second = Gauge("qwq_local_generation_tokens_per_second",
                                        "Generation speed of the last finished request (tokens/s)", registry=r)
+        # Continuous batching (--parallel > 1): sequences / calls is the mean batch width.
+        self.decode_calls = Counter("qwq_local_decode_calls", "llama_decode calls of the shared context",
+                                    registry=r)
+        self.decode_sequences = Counter("qwq_local_decode_sequences",
+                                        "Sequences carried by those calls, summed (width x calls)", registry=r)
+        self.decode_tokens = Counter("qwq_local_decode_tokens", "Tokens carried by those calls", registry=r)
         Gauge("qwq_local_queue_depth", "Requests waiting for a slot", registry=r).set_function(queue_depth)
         Gauge("qwq_local_slots_busy", "Slots generating now", registry=r).set_function(slots_busy)
         Gauge("qwq_local_kv_cells_used", "KV cache cells holding tokens, all slots", registry=r).set_function(kv_cells)
@@ -35,6 +41,12 @@ class Metrics:
         self.completion_tokens.inc(usage.get("completion_tokens", 0))
         if reply.timings.get("gen_tps"):
             self.tokens_per_second.set(reply.timings["gen_tps"])
+
+    def on_decode(self, n_tokens: int, n_sequences: int) -> None:
+        """backend.batched.SharedContext's hook, called after every llama_decode."""
+        self.decode_calls.inc()
+        self.decode_sequences.inc(n_sequences)
+        self.decode_tokens.inc(n_tokens)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

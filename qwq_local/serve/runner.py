@@ -43,10 +43,12 @@ def _is_loopback(host: str) -> bool:
 
 def serve(model: Any, *, host: str = constants.SERVE_DEFAULT_HOST, port: int = constants.SERVE_DEFAULT_PORT,
           api_key: str | None = None, no_api_key: bool = False, alias: str | None = None, cors: str | None = None,
-          parallel: int = 1, queue_size: int = constants.SERVE_QUEUE_SIZE,
+          parallel: int = 1, queue_size: int = constants.SERVE_QUEUE_SIZE, special_in_content: bool = False,
           on_ready: Callable[[str], None] | None = None, log_level: str = "warning", **load: Any) -> None:
     """Serve `model` (a QwQ, a .gguf path or a cached name; **load goes to QwQ.load: n_ctx,
-    gpu_layers, kv_type, threads, template, ...) on http://host:port/v1 until interrupted.
+    gpu_layers, kv_type, threads, template, rope_scaling, rpc, draft, ...) on http://host:port/v1
+    until interrupted. parallel: slots sharing one context (a loaded QwQ must have been loaded
+    with the same `parallel`); n_ctx is then the whole KV cache, n_ctx // parallel per slot.
 
     on_ready(url) is called once the socket listens (port 0 picks a free port). Raises
     UsageError for a non-loopback host without api_key (see check_host), ContextOverflowError,
@@ -56,12 +58,13 @@ def serve(model: Any, *, host: str = constants.SERVE_DEFAULT_HOST, port: int = c
     from .app import ServeConfig, check_parallel, create_app
 
     check_host(host, api_key=api_key, no_api_key=no_api_key)
-    config = ServeConfig(alias=alias, api_key=api_key, cors=cors, parallel=parallel, queue_size=queue_size)
+    config = ServeConfig(alias=alias, api_key=api_key, cors=cors, parallel=parallel, queue_size=queue_size,
+                         special_in_content=special_in_content)
     if isinstance(model, str) or hasattr(model, "__fspath__"):
         from ..runtime.model import QwQ
 
         check_parallel(parallel)  # before minutes of loading
-        model = QwQ.load(model, **load)
+        model = QwQ.load(model, parallel=parallel, **load)
     app = create_app(model, config)
 
     class Server(uvicorn.Server):

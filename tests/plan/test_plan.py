@@ -387,3 +387,11 @@ def test_kv_type_names_are_case_insensitive(tiny_gguf):
     result = CliRunner().invoke(app, ["plan", "-m", str(tiny_gguf), "--ctx", "1024", "--kv-type", "Q8_0", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["kv_bytes"] == upper["kv_bytes"]
+
+
+def test_slots_share_the_kv_of_n_ctx_and_widen_the_output_buffer(tiny_gguf):
+    one = plan(tiny_gguf, n_ctx=1024, n_seq=1, ram=1 << 40, vram=0)
+    four = plan(tiny_gguf, n_ctx=1024, n_seq=4, ram=1 << 40, vram=0)
+    assert four.kv == one.kv  # 4 streams of 256 cells = the cells of one context of 1024
+    assert four.output["cpu"] == 4 * one.output["cpu"]
+    assert auto_gpu_layers(tiny_gguf, n_ctx=1024, n_seq=4, ram=1 << 40, vram=0).plan.output == four.output

@@ -1,0 +1,213 @@
+"""Continuous batching: N sequences share one llama.cpp context, and every llama_decode carries
+the pending tokens of all of them (llama-server's slots: one sequence id per slot, one batch
+per step, prompt chunks of newly admitted requests riding along with generated tokens).
+
+Each sequence is driven by its own thread through a `SequenceView`, which looks like a
+`binding.Context` to the single-sequence code (QwQ.stream_prompt, decode.run_loop): decode(),
+decode_one(), truncate(), n_past, out_index. A view's decode does not call llama_decode itself:
+it submits its tokens and waits. When every sequence in use (a member: it has touched the
+context and not yet released it) waits with tokens, the last one to arrive decodes one batch
+for all of them (the leader), then wakes those whose tokens are all in; each samples at its own
+batch row (`out_index`, for llama_sampler_sample) before the next batch is built, because a
+decode overwrites the logits. A member that releases (its request ended, was cancelled or
+failed) stops holding the others back at once, so a finished or disconnected slot frees within
+one decode step.
+
+KV cells: with kv_unified off (llama.cpp's default) each sequence has its own stream of
+n_ctx / n_seq cells, so a sequence's positions run 0..n_ctx/n_seq-1 (llama-context.cpp,
+n_ctx_seq). Per-sequence prefix reuse removes only that sequence's tail
+(llama_memory_seq_rm(mem, seq, p0, -1)).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..errors import ContextOverflowError, RuntimeLoadError, UsageError
+from .binding import Context, Model, llama, log_tail
+
+__all__ = ["SharedContext", "SequenceView"]
+
+
+@dataclass
+class _Submission:
+    seq: int
+    tokens: list[int]
+    pos: int                 # position of tokens[0]
+    logits: str              # "last" | "all" | "none" (as Context.decode)
+    done_n: int = 0          # tokens already in the KV cache
+    rows: list[int] = field(default_factory=list)  # batch rows with logits, in the last decode
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.done_n >= len(self.tokens)
+
+
+class SharedContext:
+    """One llama.cpp context with n_seq sequences; `view(i)` is sequence i's Context look-alike.
+
+    n_ctx is the whole KV cache; each sequence holds n_ctx // n_seq positions. on_decode(n_tokens,
+    n_seqs) is called after every llama_decode (a hook for metrics and tests)."""
+
+    def __init__(self, model: Model, *, n_ctx: int, n_seq: int, on_decode: Callable[[int, int], None] | None = None,
+                 **params) -> None:
+        if n_seq < 1:
+            raise UsageError(f"the number of sequences must be >= 1, not {n_seq}")
+        self.ctx = Context(model, n_ctx=n_ctx, n_seq=n_seq, **params)
+        self.model = model
+        self.n_seq = n_seq
+        lib = llama()
+        # What llama.cpp gives each sequence (it may round the context up); the caller's limit
+        # is n_ctx // n_seq.
+        self.n_ctx_seq = int(lib.llama_n_ctx_seq(self.ctx.ptr)) if hasattr(lib, "llama_n_ctx_seq") \
+            else self.ctx.n_ctx // n_seq
+        self.n_batch = self.ctx.n_batch
+        self.on_decode = on_decode
+        self._cond = threading.Condition()
+        self._members: set[int] = set()
+        self._pending: dict[int, _Submission] = {}
+        self._decoding = False
+        self.views = [SequenceView(self, i) for i in range(n_seq)]
+
+    def view(self, seq: int) -> "SequenceView":
+        return self.views[seq]
+
+    def close(self) -> None:
+        self.ctx.close()
+
+    # --- called by the views, each from its own thread -------------------------------------
+
+    def submit(self, seq: int, tokens: Sequence[int], pos: int, logits: str) -> _Submission:
+        sub = _Submission(seq, list(tokens), pos, logits)
+        with self._cond:
+            self._members.add(seq)
+            self._pending[seq] = sub
+            while not sub.done:
+                if not self._decoding and self._all_waiting():
+                    self._lead()
+                else:
+                    self._cond.wait()
+        if sub.error is not None:
+            raise sub.error
+        return sub
+
+    def release(self, seq: int) -> None:
+        """Sequence `seq` is idle: the others no longer wait for it."""
+        with self._cond:
+            self._members.discard(seq)
+            self._pending.pop(seq, None)
+            self._cond.notify_all()
+
+    def remove(self, seq: int, p0: int) -> None:
+        """Drop sequence `seq`'s cells at positions >= p0 (llama_memory_seq_rm), between decodes."""
+        lib = llama()
+        with self._cond:
+            while self._decoding:
+                self._cond.wait()
+            lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx.ptr), seq, max(0, p0) if p0 > 0 else -1, -1)
+
+    # --- the leader -----------------------------------------------------------------------
+
+    def _all_waiting(self) -> bool:
+        return bool(self._pending) and all(s in self._pending and not self._pending[s].done for s in self._members)
+
+    def _lead(self) -> None:
+        """Decode batches (lock held on entry and exit, released during llama_decode) while every
+        member still waits: a long prompt may need several."""
+        while self._all_waiting():
+            subs = sorted(self._pending.values(), key=lambda s: len(s.tokens) - s.done_n)  # generated tokens first
+            batch = self.ctx._batch
+            n = 0
+            placed: list[tuple[_Submission, int, int]] = []  # (submission, first row, count)
+            for sub in subs:
+                room = self.n_batch - n
+                if room <= 0:
+                    break
+                take = min(room, len(sub.tokens) - sub.done_n)
+                for j in range(take):
+                    k = sub.done_n + j
+                    batch.token[n + j] = sub.tokens[k]
+                    batch.pos[n + j] = sub.pos + k
+                    batch.seq_id[n + j][0] = sub.seq
+                    last = k == len(sub.tokens) - 1
+                    batch.logits[n + j] = sub.logits == "all" or (sub.logits == "last" and last)
+                placed.append((sub, n, take))
+                n += take
+            batch.n_tokens = n
+            self._decoding = True
+            self._cond.release()
+            try:
+                guard = self.model.guard
+                lib = llama()
+                rc = guard.call(lib.llama_decode, self.ctx.ptr, batch) if guard else lib.llama_decode(self.ctx.ptr,
+                                                                                                   batch)
+                error = None if rc == 0 else RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
+            except BaseException as exc:  # a lost RPC worker, ...: every sequence in this batch fails
+                error = exc
+            finally:
+                self._cond.acquire()
+                self._decoding = False
+            for sub, first, count in placed:
+                if error is not None:
+                    sub.error = error
+                    continue
+                sub.rows = [first + j for j in range(count)
+                            if sub.logits == "all" or (sub.logits == "last" and sub.done_n + j == len(sub.tokens) - 1)]
+                sub.done_n += count
+            for sub, _, _ in placed:
+                if sub.done:
+                    self._pending.pop(sub.seq, None)
+            if self.on_decode is not None and error is None:
+                self.on_decode(n, len(placed))
+            self._cond.notify_all()
+            if error is not None:
+                return
+
+
+class SequenceView:
+    """Sequence `seq` of a SharedContext, with the parts of binding.Context's interface that the
+    single-sequence generation code uses. n_ctx is this sequence's share of the KV cache."""
+
+    def __init__(self, shared: SharedContext, seq: int) -> None:
+        self.shared = shared
+        self.seq = seq
+        self.model = shared.model
+        self.ptr = shared.ctx.ptr
+        self.params = shared.ctx.params
+        self.n_ctx = shared.n_ctx_seq
+        self.n_batch = shared.n_batch
+        self.logits_all = False
+        self.n_past = 0
+        self.out_index = -1
+
+    def decode(self, tokens: Sequence[int], *, start_pos: int | None = None, logits: str = "last") -> None:
+        pos = self.n_past if start_pos is None else start_pos
+        if pos + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(f"{pos + len(tokens)} tokens do not fit this slot's context of {self.n_ctx}; "
+                                       "raise n_ctx or shorten the input")
+        if not tokens:
+            return
+        sub = self.shared.submit(self.seq, tokens, pos, logits)
+        if sub.rows:
+            self.out_index = sub.rows[-1]
+        self.n_past = pos + len(tokens)
+
+    def decode_one(self, token: int) -> None:
+        self.decode([token], start_pos=self.n_past, logits="last")
+
+    def truncate(self, n_keep: int) -> None:
+        self.shared.remove(self.seq, n_keep)
+        self.n_past = max(0, min(self.n_past, n_keep))
+
+    def release(self) -> None:
+        """This sequence is idle until its next decode (called when a generation ends)."""
+        self.shared.release(self.seq)
+
+    def synchronize(self) -> None:
+        pass  # llama_decode's results are read through llama.cpp calls that wait for them
+
+    def close(self) -> None:
+        self.release()
