@@ -14,7 +14,9 @@ from conftest import Server, wait_for
 
 @pytest.fixture(scope="module")
 def page_server(tiny_gguf):
-    srv = Server(tiny_gguf, "--alias", "tiny", "--ctx", "4096")
+    # A long context: with end tokens banned a reply runs until stopped or the context is full,
+    # and the tiny model fills 4096 tokens in a second or two, sometimes before Stop is clicked.
+    srv = Server(tiny_gguf, "--alias", "tiny", "--ctx", "32768")
     yield srv
     srv.stop()
 
@@ -74,7 +76,7 @@ def test_chat_page_stop_frees_the_slot_and_new_chat_clears(browser, page_server)
     browser.find_element(By.ID, "budget").clear()
     # The tiny model may end a reply at any token; so that Stop meets a running reply, the
     # page's request also asks the server to ban end tokens (llama.cpp's `ignore_eos`): the reply
-    # then runs to the end of the 4096-token context unless stopped.
+    # then runs to the end of the 32768-token context unless stopped.
     browser.execute_script("""
         const original = window.fetch;
         window.fetch = (url, init) => {
