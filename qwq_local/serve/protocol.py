@@ -49,7 +49,8 @@ def error_body(exc: APIError) -> dict:
 
 class _Lenient(BaseModel):
     # Clients send fields this server does not use (user, store, metadata, ...): accept them.
-    model_config = ConfigDict(extra="allow")
+    # Strict types, as OpenAI's API: "stream": "yes" or "max_tokens": true are 400s, not coerced.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Lenient):

@@ -235,6 +235,9 @@ def api_error(response: requests.Response, status: int) -> dict:
     ({"messages": [{"role": "bogus", "content": "dropped by the template"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "half a pair \ud800"}]}, "messages"),
     ({"messages": USER, "grammar": "root ::= ("}, None),
+    ({"messages": USER, "stream": "yes"}, "stream"),  # strict types, as OpenAI: never coerced
+    ({"messages": USER, "max_tokens": True}, "max_tokens"),
+    ({"messages": USER, "max_tokens": "12"}, "max_tokens"),
 ])
 def test_bad_parameters_are_400_error_objects(server, body, param):
     error = api_error(requests.post(server.url + "/v1/chat/completions", json=body), 400)
