@@ -16,6 +16,12 @@ draft: every proposal is the target's own argmax, so it shows what verification 
 cost. --fixed K also runs each draft with a fixed K proposals per round (no adaptive length).
 Without -m the script builds the QwQ-shaped random model of bench_runtime.py (hidden 1024,
 8 layers, Q4_K_M). Generation ignores end tokens so every run makes --tokens tokens.
+
+--llama-server PATH also runs the same rendered prompts through llama.cpp's own server
+(`/completion`, temperature 0, end tokens ignored, --threads, one slot) without speculation and
+with each of its n-gram modes (--spec-type ngram-simple, ngram-map-k, ngram-mod, ngram-cache),
+reporting its own `timings.predicted_per_second`, its draft counts, and whether its text equals
+its plain run's.
 """
 
 from __future__ import annotations
@@ -118,6 +124,62 @@ def margin_at(qwq, prompt_tokens: list[int], generated: list[int], i: int) -> fl
         ctx.close()
 
 
+LLAMA_SERVER_MODES = ("none", "ngram-simple", "ngram-map-k", "ngram-mod", "ngram-cache")
+
+
+def llama_server_runs(path: str, model: Path, prompts: dict[str, str], *, tokens: int, rounds: int,
+                      threads: int) -> dict[str, dict[str, dict]]:
+    """{prompt: {mode: row}} from llama.cpp's server on 127.0.0.1, one server process per mode."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    def post(url: str, body: dict) -> dict:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+
+    out: dict[str, dict[str, dict]] = {name: {} for name in prompts}
+    texts: dict[str, str] = {}
+    for mode in LLAMA_SERVER_MODES:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        argv = [path, "-m", str(model), "-c", "4096", "-t", str(threads), "-np", "1", "--host", "127.0.0.1",
+                "--port", str(port)] + ([] if mode == "none" else ["--spec-type", mode])
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.2)
+            for name, text in prompts.items():
+                runs = [post(url + "/completion", {"prompt": text, "n_predict": tokens, "temperature": 0,
+                                                   "ignore_eos": True, "cache_prompt": False})
+                        for _ in range(rounds)]
+                timings = [r["timings"] for r in runs]
+                row = {"tg_tps": statistics.median(t["predicted_per_second"] for t in timings),
+                       "draft_tokens": sum(t.get("draft_n", 0) for t in timings),
+                       "draft_accepted_tokens": sum(t.get("draft_n_accepted", 0) for t in timings)}
+                if mode == "none":
+                    texts[name] = runs[0]["content"]
+                row["identical"] = all(r["content"] == texts.get(name) for r in runs)
+                out[name][mode] = row
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    for rows in out.values():
+        base = rows["none"]["tg_tps"]
+        for row in rows.values():
+            row["speedup"] = row["tg_tps"] / base
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", type=Path)
@@ -130,6 +192,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated subset of " + ",".join(PROMPTS))
     parser.add_argument("--workdir", type=Path, default=constants.cache_dir() / "bench")
+    parser.add_argument("--llama-server", help="path to llama.cpp's llama-server, to run its n-gram modes too")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -182,12 +245,17 @@ def main() -> None:
                     break
             rows[name] = row
         results[pname] = {"prompt_tokens": len(prompt_tokens), "modes": rows}
+    theirs = None
+    if args.llama_server:
+        rendered = {p: plain.render_prompt([{"role": "user", "content": PROMPTS[p]}]) for p in args.prompts.split(",")}
+        theirs = llama_server_runs(args.llama_server, args.model, rendered, tokens=args.tokens, rounds=args.rounds,
+                                   threads=args.threads)
     for qwq in loaded.values():
         qwq.close()
     meta = {"model": str(args.model), "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads,
             "draft_max": args.draft_max}
     if args.json:
-        print(json.dumps({**meta, "prompts": results}, indent=2))
+        print(json.dumps({**meta, "prompts": results, "llama_server": theirs}, indent=2))
         return
     print(f"model: {args.model.name}, {args.tokens} tokens at temperature 0, {args.rounds} rounds interleaved, "
           f"{args.threads} thread(s), draft_max {args.draft_max}")
@@ -198,6 +266,11 @@ def main() -> None:
             same = "identical" if row["identical"] else (
                 f"differs at token {row['diverged_at']} (margin {row['margin']:.3f})")
             print(f"{pname:<9}{name:<34}{row['tg_tps']:>10.2f}{row['speedup']:>9.2f}x{kept:>14}  {same}")
+    for pname, rows in (theirs or {}).items():
+        for mode, row in rows.items():
+            kept = f"{row['draft_accepted_tokens']}/{row['draft_tokens']}" if row["draft_tokens"] else "-"
+            same = "identical to its plain run" if row["identical"] else "differs from its plain run"
+            print(f"{pname:<9}{'llama-server ' + mode:<34}{row['tg_tps']:>10.2f}{row['speedup']:>9.2f}x{kept:>14}  {same}")
 
 
 if __name__ == "__main__":
