@@ -108,54 +108,48 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
                 ctx.decode_one(pending)
                 adaptive.record_plain(clock() - t1)
                 decoded.append(pending)
-                if spent:
-                    budget = -1
-                    if not (yield from _inject(ctx, sampler, drafter, state, utf8, feed, close_tokens,
-                                               close_text, n_ctx, accept_injected)):
-                        break
-                pending = sampler.sample(-1)
-                continue
-            base = ctx.n_past
-            ctx.decode_verify([pending, *proposals])
-            verify_s = clock() - t1
-            decoded.append(pending)
-            kept = appended = 0
-            stop = False
-            nxt = -1
-            for i, x in enumerate(proposals):
-                tok, ok = sampler.verify(i, x)
-                if not ok:
-                    nxt = tok
-                    break
-                kept += 1
-                if (yield from take(x)) == _STOP:
-                    stop = True
-                    break
-                decoded.append(x)
-                appended += 1
-                drafter.extend((x,))
-                if budget_spent():
-                    spent = True
-                    break
+                nxt = -1  # the next token comes from the logits just computed
             else:
-                nxt = sampler.sample(len(proposals))
-            state.draft_tokens += len(proposals)
-            state.draft_accepted_tokens += kept
-            adaptive.record_round(len(proposals), kept, verify_s=verify_s,
-                                  draft_s=(t1 - t0) if drafter.costs_decode else 0.0)
-            # The KV cache holds exactly prompt + `decoded`: drop rejected and unused positions
-            # (and a kept token that ended the reply, which plain decoding never decodes).
-            ctx.truncate(base + 1 + appended)
-            if stop:
-                break
-            if spent:
+                base = ctx.n_past
+                ctx.decode_verify([pending, *proposals])
+                verify_s = clock() - t1
+                decoded.append(pending)
+                kept = appended = 0
+                stop = False
+                nxt = -1
+                for i, x in enumerate(proposals):
+                    tok, ok = sampler.verify(i, x)
+                    if not ok:
+                        nxt = tok
+                        break
+                    kept += 1
+                    if (yield from take(x)) == _STOP:
+                        stop = True
+                        break
+                    decoded.append(x)
+                    appended += 1
+                    drafter.extend((x,))
+                    if budget_spent():
+                        spent = True
+                        break
+                else:
+                    nxt = sampler.sample(len(proposals))
+                state.draft_tokens += len(proposals)
+                state.draft_accepted_tokens += kept
+                adaptive.record_round(len(proposals), kept, verify_s=verify_s,
+                                      draft_s=(t1 - t0) if drafter.costs_decode else 0.0)
+                # The KV cache holds exactly prompt + `decoded`: drop rejected and unused positions
+                # (and a kept token that ended the reply, which plain decoding never decodes).
+                ctx.truncate(base + 1 + appended)
+                if stop:
+                    break
+            if spent:  # the thinking budget ran out: close the thought for the model, then go on
                 budget = -1
                 if not (yield from _inject(ctx, sampler, drafter, state, utf8, feed, close_tokens,
                                            close_text, n_ctx, accept_injected)):
                     break
-                pending = sampler.sample(-1)
-                continue
-            pending = nxt
+                nxt = -1
+            pending = sampler.sample(-1) if nxt < 0 else nxt
         tail = utf8.decode(b"", final=True)
         if tail:
             yield from feed(tail)
