@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..constants import THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from ..constants import THINK_CLOSE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
-__all__ = ["AnswerGrammar", "answer_grammar", "json_rules", "prompt_opens_thought", "tool_call_rules", "tool_call_schema"]
+__all__ = ["AnswerGrammar", "answer_grammar", "json_rules", "tool_call_rules", "tool_call_schema"]
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,6 @@ class AnswerGrammar:
     gbnf: str
     trigger_tokens: tuple[int, ...] = ()
     trigger_patterns: tuple[str, ...] = ()
-
-
-def prompt_opens_thought(prompt: str) -> bool:
-    """Whether a rendered prompt ends inside an open `<think>` (QwQ's generation prompt does)."""
-    return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
 
 
 def json_rules(schema: Any, name: str) -> str:
@@ -64,7 +59,7 @@ def answer_grammar(answer_rules: str, answer_rule: str, *, in_thought: bool, clo
                    ) -> AnswerGrammar:
     """Wrap rules for the answer so they apply after the thought.
 
-    in_thought: the prompt ends inside `<think>` (see `prompt_opens_thought`); then the grammar
+    in_thought: the prompt ends inside `<think>` (chat.reasoning.starts_in_thought, the runtime's own rule); then the grammar
     waits for `</think>` (one token: `close_tokens`) and its root starts with that text."""
     if not in_thought:
         return AnswerGrammar(f"root ::= {answer_rule}\n{answer_rules}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from .. import constants
+from ..chat.reasoning import starts_in_thought
 from ..errors import ContextOverflowError, RpcError, TemplateError, UsageError
 from ..runtime.decode import Sampling
 from . import grammar as gbnf
@@ -125,7 +126,7 @@ def _answer_grammar(req: ChatCompletionRequest, model: Any, prompt: str) -> gbnf
             raise _bad(str(exc), "response_format") from None
     if rules is None:
         return None
-    return gbnf.answer_grammar(rules, start, in_thought=gbnf.prompt_opens_thought(prompt),
+    return gbnf.answer_grammar(rules, start, in_thought=starts_in_thought(prompt),
                                close_tokens=model.think_close_tokens)
 
 
