@@ -26,11 +26,12 @@ def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int],
     # command line that is one "warning: ..." line, not Python's file:line and source echo.
     if rpc:  # the split across the workers, before loading
         from ..backend.rpc import parse_endpoints, require_rpc
+        from ..hub.download import resolve_model
         from ..plan.devices import plan_with_workers
         from . import format as cli_format
 
         require_rpc()
-        split = plan_with_workers(model if Path(model).is_file() else _resolve(model), parse_endpoints(rpc),
+        split = plan_with_workers(resolve_model(model), parse_endpoints(rpc),
                                   n_ctx=ctx, kv_type=kv_type, flash_attn=flash_attn, gpu_layers=gpu_layers)
         err(cli_format.split_table(split.table(), fits=split.fits))
     with warnings.catch_warnings(record=True) as caught:
@@ -42,12 +43,6 @@ def load_model(model: str, *, ctx: int, gpu_layers: str, threads: Optional[int],
     for warning in caught:
         err(f"warning: {warning.message}")
     return llm
-
-
-def _resolve(model: str) -> Path:
-    from ..hub.download import resolve_model
-
-    return resolve_model(model)
 
 
 def sampling_options(*, max_tokens, thinking_budget, temperature, top_p, top_k, min_p, presence_penalty, seed,
