@@ -6,12 +6,16 @@ Each sequence is driven by its own thread through a `SequenceView`, which looks 
 `binding.Context` to the single-sequence code (QwQ.stream_prompt, decode.run_loop): decode(),
 decode_one(), truncate(), n_past, out_index. A view's decode does not call llama_decode itself:
 it submits its tokens and waits. When every sequence in use (a member: it has touched the
-context and not yet released it) waits with tokens, the last one to arrive decodes one batch
-for all of them (the leader), then wakes those whose tokens are all in; each samples at its own
-batch row (`out_index`, for llama_sampler_sample) before the next batch is built, because a
-decode overwrites the logits. A member that releases (its request ended, was cancelled or
-failed) stops holding the others back at once, so a finished or disconnected slot frees within
-one decode step.
+context and not yet released it) waits with tokens, the context's one decode thread decodes one
+batch for all of them, then wakes those whose tokens are all in; each samples at its own batch
+row (`out_index`, for llama_sampler_sample) before the next batch is built, because a decode
+overwrites the logits. A member that releases (its request ended, was cancelled or failed) stops
+holding the others back at once, so a finished or disconnected slot frees within one decode step.
+
+Why one decode thread: ggml's CPU backend runs on OpenMP, whose thread team belongs to the OS
+thread that calls llama_decode, and an idle team spins for a while before it sleeps. When the
+sequences' own threads took turns decoding, the idle teams spun on the cores the busy one
+needed: a 4-sequence batch took 16.9 ms instead of 8.8 ms (benchmarks/bench_batch.py).
 
 KV cells: with kv_unified off (llama.cpp's default) each sequence has its own stream of
 n_ctx / n_seq cells, so a sequence's positions run 0..n_ctx/n_seq-1 (llama-context.cpp,
@@ -66,16 +70,25 @@ class SharedContext:
             else self.ctx.n_ctx // n_seq
         self.n_batch = self.ctx.n_batch
         self.on_decode = on_decode
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the sequences wait on it for their results
+        self._work = threading.Condition(lock)  # the decode thread waits on it for a full batch
         self._members: set[int] = set()
         self._pending: dict[int, _Submission] = {}
         self._decoding = False
+        self._closed = False
         self.views = [SequenceView(self, i) for i in range(n_seq)]
+        self._thread = threading.Thread(target=self._decode_loop, name="qwq-decode", daemon=True)
+        self._thread.start()
 
     def view(self, seq: int) -> "SequenceView":
         return self.views[seq]
 
     def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._work.notify()
+        self._thread.join()
         self.ctx.close()
 
     # --- called by the views, each from its own thread -------------------------------------
@@ -83,13 +96,14 @@ class SharedContext:
     def submit(self, seq: int, tokens: Sequence[int], pos: int, logits: str) -> _Submission:
         sub = _Submission(seq, list(tokens), pos, logits)
         with self._cond:
+            if self._closed:
+                raise RuntimeLoadError("the shared context is closed")
             self._members.add(seq)
             self._pending[seq] = sub
+            if self._all_waiting():
+                self._work.notify()
             while not sub.done:
-                if not self._decoding and self._all_waiting():
-                    self._lead()
-                else:
-                    self._cond.wait()
+                self._cond.wait()
         if sub.error is not None:
             raise sub.error
         return sub
@@ -99,7 +113,8 @@ class SharedContext:
         with self._cond:
             self._members.discard(seq)
             self._pending.pop(seq, None)
-            self._cond.notify_all()
+            if self._all_waiting():
+                self._work.notify()
 
     def remove(self, seq: int, p0: int) -> None:
         """Drop sequence `seq`'s cells at positions >= p0 (llama_memory_seq_rm), between decodes."""
@@ -109,12 +124,25 @@ class SharedContext:
                 self._cond.wait()
             lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx.ptr), seq, max(0, p0) if p0 > 0 else -1, -1)
 
-    # --- the leader -----------------------------------------------------------------------
+    # --- the decode thread ------------------------------------------------------------------
 
     def _all_waiting(self) -> bool:
         return bool(self._pending) and all(s in self._pending and not self._pending[s].done for s in self._members)
 
-    def _lead(self) -> None:
+    def _decode_loop(self) -> None:
+        with self._cond:
+            while True:
+                while not self._closed and not self._all_waiting():
+                    self._work.wait()
+                if self._closed:
+                    for sub in self._pending.values():
+                        sub.error = RuntimeLoadError("the shared context is closed")
+                    self._pending.clear()
+                    self._cond.notify_all()
+                    return
+                self._decode_pending()
+
+    def _decode_pending(self) -> None:
         """Decode batches (lock held on entry and exit, released during llama_decode) while every
         member still waits: a long prompt may need several."""
         while self._all_waiting():

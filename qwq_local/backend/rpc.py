@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -284,6 +285,19 @@ class RpcGuard:
         self.endpoints = list(endpoints)
         self.timeout = rpc_timeout() if timeout is None else float(timeout)
         self.lost: str | None = None
+        # One long-lived thread for every call: ggml's CPU backend keeps an OpenMP thread team
+        # per calling OS thread, so a new thread per call would build a new team per decode.
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, box, done = self._calls.get()
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+            done.set()
 
     def _fail(self, why: str) -> RpcError:
         self.lost = why
@@ -303,16 +317,10 @@ class RpcGuard:
         seen = len(_STATE.get("aborts", []))
         box: dict[str, Any] = {}
         done = threading.Event()
-
-        def run() -> None:
-            try:
-                box["value"] = fn(*args)
-            except BaseException as exc:  # re-raised in the caller's thread
-                box["error"] = exc
-            done.set()
-
-        thread = threading.Thread(target=run, name="qwq-rpc-call", daemon=True)
-        thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="qwq-rpc-call", daemon=True)
+            self._thread.start()
+        self._calls.put((fn, args, box, done))
         waited = 0.0
         while not done.wait(0.05):
             waited += 0.05
