@@ -2,19 +2,25 @@
 
     .venv/bin/python benchmarks/bench_serve.py [--model FILE.gguf] [--tokens 128] [--threads 2]
                                                [--streams 1,2,4,8] [--prompt-tokens 1024]
-                                               [--parallel N] [--llama-server PATH] [--json]
+                                               [--parallel N] [--rounds 3] [--llama-server PATH]
+                                               [--json]
 
 Without --model it uses bench_runtime.py's QwQ-shaped random Q4_K_M model (hidden 1024, 8
-layers, built once in --workdir). Reported:
+layers, built once in --workdir). Reported, as medians over --rounds rounds that interleave
+every measurement (this machine's speed drifts by tens of percent within minutes, so figures
+taken minutes apart do not compare):
 - one stream's tokens/s through HTTP/SSE against `QwQ.bench` tg (what `qwq-local bench` prints)
-  on the same model and threads (goal >= 0.97);
+  on the same model and threads, measured right before it in the same round (goal >= 0.97);
 - aggregate tokens/s at 1, 2, 4, 8 concurrent streams (each stream `--tokens` tokens, end
   tokens banned so every stream runs its full length) on one server with --parallel N slots
   (default: the most streams, so every stream has a slot; --ctx is N times one stream's);
 - time to first token for a prompt of about --prompt-tokens tokens, cold and again with the
   prompt cached in the slot's KV cache;
-- with --llama-server PATH: the same runs against llama.cpp's llama-server `-np N` on the
-  same GGUF (aggregate ratio qwq-local / llama-server, goal >= 1.0).
+- with --llama-server PATH: the same against llama.cpp's llama-server `-np N` on the same GGUF,
+  up at the same time and measured in turn with qwq-local in every round (ratio qwq-local /
+  llama-server per round, median; goal >= 1.0).
+The client runs on the same machine and costs CPU too (the openai package parses every chunk);
+both servers pay it alike.
 """
 
 from __future__ import annotations
@@ -111,23 +117,42 @@ def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_server(url: str, *, tokens: int, streams: list[int], prompt_tokens: int, bias: dict) -> dict:
+def client_for(url: str):
     from openai import OpenAI
 
-    client = OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
-    one_stream(client, tokens=8, bias=bias)  # warm-up
-    single = one_stream(client, tokens=tokens, bias=bias)
-    note(f"  one stream: {single['tps']:.1f} tok/s")
-    agg = {}
-    for n in streams:
-        agg[n] = aggregate(client, streams=n, tokens=tokens, bias=bias)
-        note(f"  {n} streams: {agg[n]:.1f} tok/s")
+    return OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+
+
+def ttft(client, *, prompt_tokens: int, bias: dict) -> dict:
     words = max(1, prompt_tokens // 2)  # ~2 tokens per "w123" word with the Qwen2 tokenizer
     long = [{"role": "user", "content": " ".join(f"w{i}" for i in range(words)) + " Summarize."}]
     cold = one_stream(client, tokens=2, bias=bias, messages=long)
     cached = one_stream(client, tokens=2, bias=bias, messages=long)
-    return {"single_tps": single["tps"], "aggregate_tps": agg, "ttft_cold_s": cold["ttft_s"],
-            "ttft_cached_s": cached["ttft_s"]}
+    return {"ttft_cold_s": cold["ttft_s"], "ttft_cached_s": cached["ttft_s"]}
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def run_rounds(qwq, clients: dict, *, rounds: int, tokens: int, streams: list[int], bias: dict) -> dict:
+    """Every round: tg, then for each server one stream and each stream count, in turn."""
+    for client in clients.values():
+        one_stream(client, tokens=8, bias=bias)  # warm-up
+    rows: dict = {"tg": [], **{name: {"single": [], **{n: [] for n in streams}} for name in clients}}
+    for r in range(rounds):
+        rows["tg"].append(qwq.bench(prompt_tokens=16, gen_tokens=tokens)["tg_tps"])
+        for name, client in clients.items():
+            rows[name]["single"].append(one_stream(client, tokens=tokens, bias=bias)["tps"])
+        for n in streams:
+            for name, client in clients.items():
+                rows[name][n].append(aggregate(client, streams=n, tokens=tokens, bias=bias))
+        note(f"  round {r + 1}: tg {rows['tg'][-1]:.1f}; " + "; ".join(
+            f"{name} one {rows[name]['single'][-1]:.1f}, " + "/".join(f"{rows[name][n][-1]:.1f}" for n in streams)
+            for name in clients))
+    return rows
 
 
 def main() -> int:
@@ -140,6 +165,7 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--parallel", type=int, default=None,
                         help="slots of qwq-local serve (default: the most --streams), each with the context of one")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--llama-server", help="path to llama.cpp's llama-server, to compare against")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -151,41 +177,55 @@ def main() -> int:
     model = args.model or build_model(args.workdir)
     streams = [int(s) for s in args.streams.split(",") if s]
     ctx = max(2048, args.prompt_tokens + args.tokens + 256)
-    note(f"bench tg on {model.name} ...")
-    with QwQ.load(model, n_ctx=ctx, threads=args.threads) as m:
-        tg = m.bench(prompt_tokens=16, gen_tokens=args.tokens)["tg_tps"]
-        bias = {str(t): -100 for t in m.eog_bias()}
-    note(f"  tg {tg:.1f} tok/s; qwq-local serve ...")
     parallel = args.parallel or max(streams)
-    proc, url = start_qwq(model, ctx=ctx, threads=args.threads, parallel=parallel)
+    procs, clients = [], {}
     try:
-        ours = run_server(url, tokens=args.tokens, streams=streams, prompt_tokens=args.prompt_tokens, bias=bias)
+        proc, url = start_qwq(model, ctx=ctx, threads=args.threads, parallel=parallel)
+        procs.append(proc)
+        clients["qwq_local"] = client_for(url)
+        if args.llama_server:
+            path = shutil.which(args.llama_server) or args.llama_server
+            proc, url = start_llama_server(path, model, ctx=ctx, threads=args.threads, parallel=parallel)
+            procs.append(proc)
+            clients["llama_server"] = client_for(url)
+        with QwQ.load(model, n_ctx=ctx, threads=args.threads) as m:
+            bias = {str(t): -100 for t in m.eog_bias()}
+            note(f"{args.rounds} rounds on {model.name} ...")
+            rows = run_rounds(m, clients, rounds=args.rounds, tokens=args.tokens, streams=streams, bias=bias)
+        ttfts = {name: ttft(client, prompt_tokens=args.prompt_tokens, bias=bias) for name, client in clients.items()}
     finally:
-        proc.terminate()
-        proc.wait(30)
-    result = {"model": str(model), "threads": args.threads, "tokens": args.tokens, "parallel": parallel,
-              "bench_tg_tps": tg,
-              "qwq_local": ours, "single_vs_bench_tg": ours["single_tps"] / tg if tg else None}
-    if args.llama_server:
-        path = shutil.which(args.llama_server) or args.llama_server
-        proc, url = start_llama_server(path, model, ctx=ctx, threads=args.threads, parallel=max(streams))
-        try:
-            theirs = run_server(url, tokens=args.tokens, streams=streams, prompt_tokens=args.prompt_tokens, bias=bias)
-        finally:
+        for proc in procs:
             proc.terminate()
             proc.wait(30)
-        result["llama_server"] = theirs
-        result["aggregate_ratio"] = {n: ours["aggregate_tps"][n] / theirs["aggregate_tps"][n] for n in streams}
+    result = {"model": str(model), "threads": args.threads, "tokens": args.tokens, "parallel": parallel,
+              "rounds": args.rounds, "bench_tg_tps": median(rows["tg"]), "per_round": rows,
+              "single_vs_bench_tg": median([a / b for a, b in zip(rows["qwq_local"]["single"], rows["tg"])])}
+    for name in clients:
+        result[name] = {"single_tps": median(rows[name]["single"]),
+                        "aggregate_tps": {n: median(rows[name][n]) for n in streams}, **ttfts[name]}
+    if args.llama_server:
+        result["aggregate_ratio"] = {n: median([a / b for a, b in zip(rows["qwq_local"][n], rows["llama_server"][n])])
+                                     for n in streams}
+        result["llama_server"]["single_vs_bench_tg"] = median(
+            [a / b for a, b in zip(rows["llama_server"]["single"], rows["tg"])])
+    ours = result["qwq_local"]
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"model {model.name}, {args.threads} threads, {args.tokens} tokens per stream, --parallel {parallel}")
-    print(f"qwq-local bench tg:        {tg:8.1f} tok/s")
-    print(f"one stream via HTTP/SSE:   {ours['single_tps']:8.1f} tok/s  ({result['single_vs_bench_tg']:.3f} of tg)")
+    print(f"model {model.name}, {args.threads} threads, {args.tokens} tokens per stream, --parallel {parallel}, "
+          f"medians of {args.rounds} interleaved rounds")
+    print(f"qwq-local bench tg:        {result['bench_tg_tps']:8.1f} tok/s")
+    theirs = result.get("llama_server")
+    extra = f"; llama-server {theirs['single_tps']:.1f} ({theirs['single_vs_bench_tg']:.3f})" if theirs else ""
+    print(f"one stream via HTTP/SSE:   {ours['single_tps']:8.1f} tok/s  ({result['single_vs_bench_tg']:.3f} of tg)"
+          + extra)
     for n, v in ours["aggregate_tps"].items():
-        extra = f"  llama-server {result['llama_server']['aggregate_tps'][n]:.1f}" if args.llama_server else ""
+        extra = (f"  llama-server {theirs['aggregate_tps'][n]:.1f} ({theirs['aggregate_tps'][n] / theirs['aggregate_tps'][streams[0]]:.2f}x);"
+                 f" ratio {result['aggregate_ratio'][n]:.2f}") if theirs else ""
         print(f"aggregate, {n} streams:     {v:8.1f} tok/s  ({v / ours['aggregate_tps'][streams[0]]:.2f}x){extra}")
-    print(f"TTFT ~{args.prompt_tokens}-token prompt: cold {ours['ttft_cold_s']:.3f} s, cached {ours['ttft_cached_s']:.3f} s")
+    for name in clients:
+        r = result[name]
+        print(f"TTFT ~{args.prompt_tokens}-token prompt ({name}): cold {r['ttft_cold_s']:.3f} s, cached {r['ttft_cached_s']:.3f} s")
     return 0
 
 

@@ -12,6 +12,13 @@ row (`out_index`, for llama_sampler_sample) before the next batch is built, beca
 overwrites the logits. A member that releases (its request ended, was cancelled or failed) stops
 holding the others back at once, so a finished or disconnected slot frees within one decode step.
 
+Two ways to drive a sequence: from a thread of the caller's (the view's decode blocks that
+thread until its batch is decoded), or as a job handed to `spawn`, which runs it in a greenlet
+on the decode thread itself: the view's decode then switches back to the decode thread's loop,
+which decodes once every member waits and resumes each greenlet in turn to sample its token.
+The server uses `spawn`, so that a step's per-token Python work of every slot runs in one
+thread, between two decodes, with no thread hand-offs and no GIL contention.
+
 Why one decode thread: ggml's CPU backend runs on OpenMP, whose thread team belongs to the OS
 thread that calls llama_decode, and an idle team spins for a while before it sleeps. When the
 sequences' own threads took turns decoding, the idle teams spun on the cores the busy one
@@ -25,12 +32,17 @@ n_ctx_seq). Per-sequence prefix reuse removes only that sequence's tail
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import greenlet
+
 from ..errors import ContextOverflowError, RuntimeLoadError, UsageError
 from .binding import Context, Model, llama, log_tail
+
+log = logging.getLogger("qwq_local.backend")
 
 __all__ = ["SharedContext", "SequenceView"]
 
@@ -44,6 +56,7 @@ class _Submission:
     done_n: int = 0          # tokens already in the KV cache
     rows: list[int] = field(default_factory=list)  # batch rows with logits, in the last decode
     error: BaseException | None = None
+    owner: object = None     # the greenlet that waits for it (spawned jobs), else None (a thread)
 
     @property
     def done(self) -> bool:
@@ -77,6 +90,9 @@ class SharedContext:
         self._pending: dict[int, _Submission] = {}
         self._decoding = False
         self._closed = False
+        self._spawned: list[Callable[[], None]] = []  # jobs to start on the decode thread
+        self._ready: list = []  # greenlets whose submissions are decoded, to resume
+        self._deferred: list[Callable[[], None]] = []  # see defer()
         self.views = [SequenceView(self, i) for i in range(n_seq)]
         self._thread = threading.Thread(target=self._decode_loop, name="qwq-decode", daemon=True)
         self._thread.start()
@@ -91,19 +107,52 @@ class SharedContext:
         self._thread.join()
         self.ctx.close()
 
+    def spawn(self, job: Callable[[], None]) -> None:
+        """Run job() in a greenlet on the decode thread; it drives sequences through their views
+        like a thread would. It must not raise (what it raises is logged and dropped) and must not
+        block the thread for long outside its views' decode calls: the other sequences wait."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeLoadError("the shared context is closed")
+            self._spawned.append(job)
+            self._work.notify()
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        """From a spawned job: call fn() on the decode thread once the next batch is handed to
+        llama.cpp (or the thread goes idle). The server wakes its event loop this way, so that
+        the loop's work on the streamed tokens overlaps the next decode instead of taking the
+        GIL between two decodes, while the slots still sample."""
+        self._deferred.append(fn)
+
+    def _run_deferred(self) -> None:
+        while self._deferred:
+            calls, self._deferred = self._deferred, []
+            for fn in calls:
+                try:
+                    fn()
+                except Exception:  # a wake-up must not stop the decode thread
+                    log.exception("a deferred call failed")
+
     # --- called by the views, each from its own thread -------------------------------------
 
     def submit(self, seq: int, tokens: Sequence[int], pos: int, logits: str) -> _Submission:
         sub = _Submission(seq, list(tokens), pos, logits)
+        on_decoder = threading.get_ident() == self._thread.ident  # a spawned job's greenlet
         with self._cond:
             if self._closed:
                 raise RuntimeLoadError("the shared context is closed")
             self._members.add(seq)
             self._pending[seq] = sub
-            if self._all_waiting():
-                self._work.notify()
+            if not on_decoder:
+                if self._all_waiting():
+                    self._work.notify()
+                while not sub.done:
+                    self._cond.wait()
+            else:
+                sub.owner = greenlet.getcurrent()
+        if on_decoder:
             while not sub.done:
-                self._cond.wait()
+                self._hub.switch()  # back to _decode_loop, which resumes us once it is decoded
         if sub.error is not None:
             raise sub.error
         return sub
@@ -130,17 +179,51 @@ class SharedContext:
         return bool(self._pending) and all(s in self._pending and not self._pending[s].done for s in self._members)
 
     def _decode_loop(self) -> None:
+        self._hub = greenlet.getcurrent()
         with self._cond:
             while True:
-                while not self._closed and not self._all_waiting():
+                if not (self._closed or self._spawned or self._ready or self._all_waiting()):
+                    self._cond.release()
+                    try:
+                        self._run_deferred()
+                    finally:
+                        self._cond.acquire()
+                while not (self._closed or self._spawned or self._ready or self._all_waiting()):
                     self._work.wait()
                 if self._closed:
-                    for sub in self._pending.values():
-                        sub.error = RuntimeLoadError("the shared context is closed")
-                    self._pending.clear()
-                    self._cond.notify_all()
+                    self._fail_waiting()
                     return
-                self._decode_pending()
+                starting, self._spawned = self._spawned, []
+                ready, self._ready = self._ready, []
+                self._cond.release()
+                try:  # the jobs run without the lock: they take it in submit, release, remove
+                    for job in starting:
+                        greenlet.greenlet(_guarded(job)).switch()
+                    for waiting in ready:
+                        waiting.switch()
+                finally:
+                    self._cond.acquire()
+                if self._all_waiting():
+                    self._decode_pending()
+
+    def _fail_waiting(self) -> None:
+        """Closing (lock held): every waiting sequence gets an error, and spawned jobs are
+        resumed so that they unwind."""
+        error = RuntimeLoadError("the shared context is closed")
+        while self._pending or self._ready:
+            owners = self._ready + [sub.owner for sub in self._pending.values() if sub.owner is not None]
+            for sub in self._pending.values():
+                sub.error = error
+            self._pending.clear()
+            self._ready = []
+            self._cond.notify_all()
+            self._cond.release()
+            try:
+                for owner in owners:
+                    if not owner.dead:
+                        owner.switch()
+            finally:
+                self._cond.acquire()
 
     def _decode_pending(self) -> None:
         """Decode batches (lock held on entry and exit, released during llama_decode) while every
@@ -168,6 +251,7 @@ class SharedContext:
             self._decoding = True
             self._cond.release()
             try:
+                self._run_deferred()
                 guard = self.model.guard
                 lib = llama()
                 rc = guard.call(lib.llama_decode, self.ctx.ptr, batch) if guard else lib.llama_decode(self.ctx.ptr,
@@ -188,11 +272,22 @@ class SharedContext:
             for sub, _, _ in placed:
                 if sub.done:
                     self._pending.pop(sub.seq, None)
+                    if sub.owner is not None:
+                        self._ready.append(sub.owner)
             if self.on_decode is not None and error is None:
                 self.on_decode(n, len(placed))
             self._cond.notify_all()
             if error is not None:
                 return
+
+
+def _guarded(job: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            job()
+        except BaseException:  # a job must not take the decode thread down with it
+            log.exception("a job on the shared context failed")
+    return run
 
 
 class SequenceView:

@@ -164,8 +164,8 @@ class QwQ:
 
     def sequences(self) -> list["QwQ"]:
         """One QwQ per sequence of the shared context (this object is sequence 0), for the
-        server's slots: each has its own KV prefix and generates in its own thread, and their
-        llama_decode calls are merged into one batch per step (backend/batched.py). With
+        server's slots: each has its own KV prefix and generates in its own thread (or a job given
+        to `shared.spawn`), and their llama_decode calls are merged into one batch per step (backend/batched.py). With
         parallel 1 it is [self]. Closing this object closes them all."""
         if self._shared is None:
             return [self]
@@ -180,11 +180,11 @@ class QwQ:
                 self._views.append(twin)
         return list(self._views)
 
-    def set_decode_hook(self, hook) -> None:
-        """hook(n_tokens, n_sequences) after every llama_decode of the shared context (parallel
-        > 1 only: metrics of continuous batching); None removes it."""
-        if self._shared is not None:
-            self._shared.on_decode = hook
+    @property
+    def shared(self):
+        """The backend.batched.SharedContext of parallel > 1 (its `spawn` runs the server's jobs
+        on the decode thread; its `on_decode` hook feeds metrics), else None."""
+        return self._shared
 
     def close(self) -> None:
         """Free the context and the model (also done when the object is collected)."""

@@ -100,8 +100,12 @@ def create_app(model: Any, config: ServeConfig | None = None):
         if len(slots) != config.parallel:
             raise UsageError(f"the model was loaded with parallel={len(slots)} but the server asks for "
                              f"{config.parallel} slots; load it with QwQ.load(..., parallel={config.parallel})")
-        qwq.set_decode_hook(metrics.on_decode)
-        state.engine = Engine(slots, queue_size=config.queue_size, on_done=metrics.on_reply)
+        shared = qwq.shared
+        if shared is not None:
+            shared.on_decode = metrics.on_decode
+        state.engine = Engine(slots, queue_size=config.queue_size, on_done=metrics.on_reply,
+                              spawn=shared.spawn if shared is not None else None,
+                              defer=shared.defer if shared is not None else None)
 
     def load_in_background() -> None:
         from ..runtime.model import QwQ

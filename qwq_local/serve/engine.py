@@ -2,19 +2,20 @@
 jobs, and a dispatcher that gives each job to the free slot whose KV cache shares the longest
 prefix with its prompt (llama-server's slot selection by prompt similarity).
 
-Each slot runs its jobs in its own thread (llama.cpp releases the GIL while it computes); the
-asyncio side only waits on a job's event queue. A job's `cancel` stops its generation after
-the current token, so a client that goes away frees the slot within one decode step.
-
-With `--parallel N` the slots are the N sequences of one shared llama.cpp context
-(QwQ.sequences()): each slot thread runs the same single-sequence code as QwQ.stream_prompt, and
-backend/batched.py merges their llama_decode calls into one batch per step.
+With one slot, the slot runs its jobs in its own thread (llama.cpp releases the GIL while it
+computes). With `--parallel N` the slots are the N sequences of one shared llama.cpp context
+(QwQ.sequences()), and each job runs through `spawn` on that context's decode thread
+(backend/batched.py): every step decodes one batch for all slots, then each slot samples its
+token and hands out its text, one after the other in that thread, as llama-server's loop does.
+The asyncio side only waits on a job's events. A job's `cancel` stops its generation after the
+current token, so a client that goes away frees the slot within one decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -46,22 +47,55 @@ class Job:
     """One generation: what to run on a slot's model, and where its events go.
 
     run(model, cancel) is called in the slot's thread and returns an iterator of
-    `runtime.Event`s; each is handed to the asyncio loop's queue, then None (the end) or an
+    `runtime.Event`s; each is handed to the asyncio side (`take`), then None (the end) or an
     ("error", exception) item."""
 
     run: Callable[[Any, Cancel], Any]
     tokens: list[int]
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: Cancel = field(default_factory=Cancel)
     shutdown: bool = False  # cancelled because the server stops (the stream ends with an error)
     slot: int | None = None
+    # Set by the engine in spawn mode: how a wake-up of the event loop is scheduled
+    # (SharedContext.defer); None calls it at once.
+    defer: Callable[[Callable[[], None]], None] | None = None
+    _items: list = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _waiter: asyncio.Future | None = None
 
     def put(self, item: Any) -> None:
+        """From the slot's thread. The asyncio loop is woken only when `take` waits: events that
+        arrive while the stream is busy sending ride along with the next `take` (one wake-up
+        and, after merging, one SSE message for them all instead of one per token)."""
+        with self._lock:
+            self._items.append(item)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            if self.defer is not None:
+                self.defer(functools.partial(self._wake, waiter))
+            else:
+                self._wake(waiter)
+
+    def _wake(self, waiter: asyncio.Future) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self.loop.call_soon_threadsafe(_wake, waiter)
         except RuntimeError:  # the event loop already closed (server shutdown)
             pass
+
+    async def take(self) -> list:
+        """Every item put since the last call (at least one), oldest first."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items, self._items = self._items, []
+                    return items
+                self._waiter = waiter = self.loop.create_future()
+            await waiter
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Slot:
@@ -81,9 +115,15 @@ class Slot:
 
 
 class Engine:
-    """Slots plus a bounded FIFO queue. `submit` raises QueueFull when `queue_size` jobs wait."""
+    """Slots plus a bounded FIFO queue. `submit` raises QueueFull when `queue_size` jobs wait.
 
-    def __init__(self, models: list[Any], *, queue_size: int, on_done: Callable[[Any], None] | None = None) -> None:
+    spawn: None (each slot runs its jobs in a thread of its own) or a callable that runs a job
+    function elsewhere (SharedContext.spawn: on the shared context's decode thread); defer: with
+    spawn, how a job's wake-ups of the event loop are scheduled (SharedContext.defer)."""
+
+    def __init__(self, models: list[Any], *, queue_size: int, on_done: Callable[[Any], None] | None = None,
+                 spawn: Callable[[Callable[[], None]], None] | None = None,
+                 defer: Callable[[Callable[[], None]], None] | None = None) -> None:
         self.slots = [Slot(i, m) for i, m in enumerate(models)]
         self.queue_size = queue_size
         self._queue: collections.deque[Job] = collections.deque()
@@ -91,8 +131,11 @@ class Engine:
         self._stopping = False
         self._on_done = on_done
         self._dispatched = 0
-        self._threads = [threading.Thread(target=self._work, args=(s,), name=f"qwq-slot-{s.index}", daemon=True)
-                         for s in self.slots]
+        self._spawn = spawn
+        self._defer = defer
+        self._threads = [] if spawn is not None else [
+            threading.Thread(target=self._work, args=(s,), name=f"qwq-slot-{s.index}", daemon=True)
+            for s in self.slots]
         for t in self._threads:
             t.start()
 
@@ -156,7 +199,11 @@ class Engine:
             slot.last_used = self._dispatched
             slot.job = job
             job.slot = slot.index
-            slot.wake.set()
+            if self._spawn is not None:
+                job.defer = self._defer
+                self._spawn(functools.partial(self._run, slot, job))
+            else:
+                slot.wake.set()
 
     @staticmethod
     def _pick(free: list[Slot], tokens: list[int]) -> Slot:
@@ -176,24 +223,28 @@ class Engine:
             if self._stopping and slot.job is None:
                 return
             job = slot.job
-            if job is None:
-                continue
-            reply = None
-            try:
-                for event in job.run(slot.model, job.cancel):
-                    if event.kind == "done":
-                        reply = event.reply
-                    job.put(event)
-                job.put(None)
-            except Exception as exc:  # handed to the request, which maps it to an error object
-                job.put(("error", exc))
-            finally:
-                slot.cached = job.tokens + (list(reply.tokens) if reply is not None else [])
-                if reply is not None and self._on_done is not None:
-                    try:
-                        self._on_done(reply)
-                    except Exception:  # pragma: no cover - metrics must never stop a slot
-                        log.exception("metrics update failed")
-                with self._lock:
-                    slot.job = None
-                    self._dispatch()
+            if job is not None:
+                self._run(slot, job)
+
+    def _run(self, slot: Slot, job: Job) -> None:
+        reply, end = None, None
+        try:
+            for event in job.run(slot.model, job.cancel):
+                if event.kind == "done":
+                    reply = event.reply
+                job.put(event)
+        except Exception as exc:  # handed to the request, which maps it to an error object
+            end = ("error", exc)
+        finally:
+            slot.cached = job.tokens + (list(reply.tokens) if reply is not None else [])
+            if reply is not None and self._on_done is not None:
+                try:
+                    self._on_done(reply)
+                except Exception:  # pragma: no cover - metrics must never stop a slot
+                    log.exception("metrics update failed")
+            with self._lock:
+                slot.job = None
+                self._dispatch()
+            # The stream ends only now: a client that sends its next turn at once finds this
+            # slot free, with its KV prefix.
+            job.put(end)

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 from .. import constants
 from ..chat.reasoning import starts_in_thought
 from ..errors import ContextOverflowError, RpcError, TemplateError, UsageError
-from ..runtime.decode import Sampling
+from ..runtime.decode import Event, Sampling
 from . import grammar as gbnf
 from .engine import Engine, Job, QueueFull
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, chunk
@@ -186,26 +186,38 @@ def submit(engine: Engine, prepared: Prepared) -> Job:
 
 
 async def _events(job: Job) -> AsyncIterator[Any]:
-    """The job's events until it ends; a fault in the slot becomes an exception here."""
+    """The job's events until it ends; a fault in the slot becomes an exception here. Text
+    events of one kind that arrived together are merged into one (one chunk for them)."""
     while True:
-        item = await job.events.get()
-        if item is None:
-            if job.shutdown:
-                raise APIError(503, "the server is shutting down", type="server_error", code="shutdown")
-            return
-        if isinstance(item, tuple) and item and item[0] == "error":
-            exc = item[1]
-            if isinstance(exc, ContextOverflowError):
-                raise APIError(400, str(exc), param="messages", code="context_length_exceeded")
-            if isinstance(exc, (UsageError, TemplateError)):
-                raise _bad(str(exc))
-            if isinstance(exc, RpcError):
-                # The context lives partly on the worker: nothing on this server works until restart.
-                log.error("an RPC worker failed (%s); restart the server once the worker runs again", exc)
-                raise APIError(503, "a backend worker of this server is unavailable; the server needs a restart",
-                               type="server_error", code="backend_unavailable")
-            raise exc
-        yield item
+        merged: list[Any] = []
+        for item in await job.take():
+            if isinstance(item, Event) and item.kind in ("thinking", "content") and merged \
+                    and isinstance(merged[-1], Event) and merged[-1].kind == item.kind:
+                merged[-1] = Event(item.kind, merged[-1].text + item.text)
+            else:
+                merged.append(item)
+        for item in merged:
+            if item is None:
+                if job.shutdown:
+                    raise APIError(503, "the server is shutting down", type="server_error", code="shutdown")
+                return
+            if isinstance(item, tuple) and item and item[0] == "error":
+                raise _error(item[1])
+            yield item
+
+
+def _error(exc: BaseException) -> BaseException:
+    """The API error for a fault raised in the slot."""
+    if isinstance(exc, ContextOverflowError):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, (UsageError, TemplateError)):
+        return _bad(str(exc))
+    if isinstance(exc, RpcError):
+        # The context lives partly on the worker: nothing on this server works until restart.
+        log.error("an RPC worker failed (%s); restart the server once the worker runs again", exc)
+        return APIError(503, "a backend worker of this server is unavailable; the server needs a restart",
+                        type="server_error", code="backend_unavailable")
+    return exc
 
 
 async def collect(job: Job, is_disconnected) -> Any:

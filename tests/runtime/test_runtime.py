@@ -574,3 +574,64 @@ def test_parallel_sequences_split_the_context_and_refuse_a_draft(tiny_gguf):
         user = [{"role": "user", "content": "hi"}]
         assert seqs[3].chat(user, max_tokens=3, temperature=0).tokens == seqs[0].chat(user, max_tokens=3,
                                                                                       temperature=0).tokens
+
+
+def test_jobs_spawned_on_the_decode_thread_share_its_batches(tiny_gguf):
+    """shared.spawn runs each sequence's generation as a greenlet on the decode thread: one
+    llama_decode per step carries every sequence's token, and each reply equals the same
+    request run alone (temperature 0)."""
+    import threading
+
+    from qwq_local import QwQ
+
+    prompts = [[{"role": "user", "content": f"count to {i}"}] for i in range(3)]
+    with QwQ.load(tiny_gguf, n_ctx=1536, threads=1, parallel=3) as m:
+        seqs, bias = m.sequences(), m.eog_bias()
+        alone = [seqs[0].chat(p, max_tokens=12, temperature=0, logit_bias=bias).tokens for p in prompts]
+        steps: list[tuple[int, int]] = []
+        m.shared.on_decode = lambda n_tokens, n_seqs: steps.append((n_tokens, n_seqs))
+        threads: set[str] = set()
+        replies: dict[int, list[int]] = {}
+        done = threading.Semaphore(0)
+
+        def job(i: int) -> None:
+            try:
+                threads.add(threading.current_thread().name)
+                replies[i] = seqs[i].chat(prompts[i], max_tokens=12, temperature=0, logit_bias=bias).tokens
+            finally:
+                done.release()
+
+        for i in range(3):
+            m.shared.spawn(lambda i=i: job(i))
+        for _ in range(3):
+            assert done.acquire(timeout=60)
+        assert threads == {"qwq-decode"}
+        assert [replies[i] for i in range(3)] == alone
+        # Once all three generate, every decode carries one token of each (the prompts ride
+        # along in the first steps).
+        assert sum(1 for n_tokens, n_seqs in steps if n_tokens == 3 and n_seqs == 3) >= 10
+
+
+def test_closing_the_shared_context_unwinds_spawned_jobs(tiny_gguf):
+    import threading
+
+    from qwq_local import QwQ
+
+    m = QwQ.load(tiny_gguf, n_ctx=65536, threads=1, parallel=2)  # 32K per slot: still generating at close
+    seqs, bias = m.sequences(), m.eog_bias()
+    started, ended = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def endless() -> None:
+        try:
+            for event in seqs[1].stream([{"role": "user", "content": "go"}], max_tokens=100000, logit_bias=bias):
+                started.set()
+        except BaseException as exc:  # the close below ends the stream with an error
+            errors.append(exc)
+        finally:
+            ended.set()
+
+    m.shared.spawn(endless)
+    assert started.wait(60)
+    m.close()
+    assert ended.wait(10) and errors and "closed" in str(errors[0])
