@@ -238,6 +238,8 @@ class SharedContext:
                 if room <= 0:
                     break
                 take = min(room, len(sub.tokens) - sub.done_n)
+                if sub.logits == "all" and take < len(sub.tokens) - sub.done_n and n > 0:
+                    continue  # a verification batch stays whole (its rows are read together): next batch
                 for j in range(take):
                     k = sub.done_n + j
                     batch.token[n + j] = sub.tokens[k]
@@ -305,6 +307,7 @@ class SequenceView:
         self.logits_all = False
         self.n_past = 0
         self.out_index = -1
+        self.rows: list[int] = []  # the shared batch's rows with this sequence's logits, last decode
 
     def decode(self, tokens: Sequence[int], *, start_pos: int | None = None, logits: str = "last") -> None:
         pos = self.n_past if start_pos is None else start_pos
@@ -315,8 +318,21 @@ class SequenceView:
             return
         sub = self.shared.submit(self.seq, tokens, pos, logits)
         if sub.rows:
+            self.rows = sub.rows
             self.out_index = sub.rows[-1]
         self.n_past = pos + len(tokens)
+
+    def decode_verify(self, tokens: Sequence[int]) -> None:
+        """binding.Context.decode_verify for this sequence: tokens after what is cached, logits at
+        every position, in one batch (with the other sequences' tokens); rows via output_row."""
+        if not 0 < len(tokens) <= self.n_batch:
+            raise UsageError(f"a verification batch of {len(tokens)} tokens does not fit n_batch {self.n_batch}")
+        self.decode(tokens, logits="all")
+
+    def output_row(self, i: int) -> int:
+        """The shared batch's row holding the logits of this sequence's i-th output of its last
+        decode (-1: the last)."""
+        return self.rows[i]
 
     def decode_one(self, token: int) -> None:
         self.decode([token], start_pos=self.n_past, logits="last")

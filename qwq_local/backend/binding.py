@@ -11,9 +11,10 @@ Everything that loads a model or a context goes through here, so that:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import ctypes
 import os
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -338,8 +339,29 @@ class Context:
         # The batch row whose logits the next sample reads (-1: the last output); a
         # batched.SequenceView sets its own row in a shared batch.
         self.out_index = -1
+        self.seq = 0  # the sequence id this object decodes into (see sequence())
+        self._handle = False
+
+    def sequence(self, seq: int) -> "Context":
+        """A handle on sequence `seq` of this context (made with n_seq > 1): its own n_past and
+        n_ctx // n_seq positions, decoded on its own (not batched with the other sequences, as
+        batched.SharedContext does). It shares this context's pointer and batch, so calls on
+        different handles must not overlap; closing a handle does nothing."""
+        lib = llama()
+        handle = copy.copy(self)
+        handle.seq, handle.n_past, handle._handle = int(seq), 0, True
+        handle.n_ctx = int(lib.llama_n_ctx_seq(self.ptr)) if hasattr(lib, "llama_n_ctx_seq") \
+            else self.n_ctx // max(1, int(self.params.n_seq_max))
+        return handle
+
+    def output_row(self, i: int) -> int:
+        """The llama.cpp output index of the i-th token with logits in the last decode (-1: the
+        last), for llama_sampler_sample; a batched.SequenceView maps it into the shared batch."""
+        return i
 
     def close(self) -> None:
+        if self._handle:
+            return
         lib = llama()
         if self.model.guard and self.model.guard.lost:
             self.ptr = None  # freeing would wait forever on the lost worker
@@ -381,6 +403,7 @@ class Context:
             for i, tok in enumerate(chunk):
                 batch.token[i] = tok
                 batch.pos[i] = pos + start + i
+                batch.seq_id[i][0] = self.seq
                 batch.logits[i] = logits == "all" or (logits == "last" and last_chunk and i == len(chunk) - 1)
             batch.n_tokens = len(chunk)
             guard = self.model.guard
@@ -394,6 +417,7 @@ class Context:
         batch = self._batch
         batch.token[0] = token
         batch.pos[0] = self.n_past
+        batch.seq_id[0][0] = self.seq
         batch.logits[0] = True
         batch.n_tokens = 1
         guard = self.model.guard
@@ -422,6 +446,7 @@ class Context:
         for i, tok in enumerate(tokens):
             batch.token[i] = tok
             batch.pos[i] = self.n_past + i
+            batch.seq_id[i][0] = self.seq
             batch.logits[i] = True
         batch.n_tokens = n
         rc = lib.llama_decode(self.ptr, batch)
@@ -434,7 +459,8 @@ class Context:
         """A numpy float32 view of the logits of output i (-1: the last one decoded)."""
         import numpy as np
 
-        ptr = llama().llama_get_logits_ith(self.ptr, i)
+        guard, get = self.model.guard, llama().llama_get_logits_ith
+        ptr = guard.call(get, self.ptr, i) if guard else get(self.ptr, i)
         if not ptr:
             raise RuntimeLoadError(f"no logits for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
@@ -443,10 +469,14 @@ class Context:
         """Drop cached positions >= n_keep (keep a shared prefix between chat turns)."""
         lib = llama()
         mem = lib.llama_get_memory(self.ptr)
-        if n_keep <= 0:
-            lib.llama_memory_clear(mem, True)
+        guard = self.model.guard
+        if guard is not None and guard.lost:
+            pass  # an abandoned model (its RPC worker is gone): nothing to keep consistent
+        elif n_keep <= 0 and not self._handle:
+            # Clearing the buffers reaches RPC workers.
+            guard.call(lib.llama_memory_clear, mem, True) if guard else lib.llama_memory_clear(mem, True)
         else:
-            lib.llama_memory_seq_rm(mem, 0, n_keep, -1)
+            lib.llama_memory_seq_rm(mem, self.seq, max(0, n_keep), -1)
         self.n_past = max(0, min(self.n_past, n_keep))
 
 

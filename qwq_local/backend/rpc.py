@@ -12,7 +12,8 @@ the whole process. So:
 - a worker is first probed in a child process (`python -m qwq_local.backend --rpc-probe EP`):
   unreachable, busy (a worker serves one client at a time: it accepts the TCP connection and then
   does not answer) or not an RPC worker gives a one-line RpcError naming it;
-- every llama.cpp call on a model that uses workers runs on a helper thread (`RpcGuard.call`),
+- every llama.cpp call on a model that uses workers (decode, and the sampler and logits reads,
+  which wait for the workers' results) runs on a helper thread (`RpcGuard.call`),
   and ggml's abort hook (`ggml_set_abort_callback`) parks a thread that is about to abort
   because of RPC instead of letting it abort(). The caller gets RpcError within the timeout
   (QWQ_LOCAL_RPC_TIMEOUT, default 300 s per call; a killed worker is seen at once). The parked
@@ -285,6 +286,7 @@ class RpcGuard:
         self.endpoints = list(endpoints)
         self.timeout = rpc_timeout() if timeout is None else float(timeout)
         self.lost: str | None = None
+        self._seen = len(_STATE.get("aborts", []))  # aborts recorded before this guard's last call
         # One long-lived thread for every call: ggml's CPU backend keeps an OpenMP thread team
         # per calling OS thread, so a new thread per call would build a new team per decode.
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -314,7 +316,14 @@ class RpcGuard:
     def call(self, fn: Callable, *args):
         if self.lost:
             raise RpcError(f"this model lost its RPC worker(s) {', '.join(self.endpoints)} ({self.lost}); load it again")
-        seen = len(_STATE.get("aborts", []))
+        aborts = _STATE.get("aborts", [])
+        if len(aborts) > self._seen:
+            # An abort came between calls (ggml-rpc's connection thread sees a dropped socket at
+            # once): this call would wait on that connection forever. Ours if a worker is gone.
+            if not all(_listening(ep) for ep in self.endpoints):
+                raise self._fail(aborts[-1].splitlines()[0])
+            self._seen = len(aborts)
+        seen = len(aborts)
         box: dict[str, Any] = {}
         done = threading.Event()
         if self._thread is None:

@@ -51,11 +51,6 @@ def serve_cmd(
     if warning:
         err(f"warning: {warning}")
     check_parallel(parallel)
-    if draft is not None and parallel > 1:
-        # Verifying each slot's proposals inside the shared batch is not implemented yet.
-        err(f"warning: speculative decoding is off with --parallel {parallel} (it needs one slot; "
-            "see docs/speculative.md)")
-        draft = None
     llm = load_model(model, ctx=ctx, gpu_layers=gpu_layers, threads=threads, seed=seed, template=template,
                      kv_type=kv_type, flash_attn=flash_attn, rope_scaling=rope_scaling, rpc=rpc, draft=draft,
                      draft_max=draft_max, draft_min=draft_min, draft_gpu_layers=draft_gpu_layers, parallel=parallel)

@@ -258,7 +258,7 @@ def plan(model: Path | str | ModelShape, *, n_ctx: int = constants.DEFAULT_N_CTX
         result.draft = plan(draft, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch,
                             n_ubatch=n_ubatch, gpu_layers=draft_gpu_layers, vram=vram, ram=ram, use_mmap=use_mmap,
                             offload_kqv=offload_kqv, repack=repack, dry_run=dry_run,
-                            rope_scaling=rope_scaling)
+                            rope_scaling=rope_scaling, n_seq=n_seq)
     _check_fit(result, vram=vram, ram=ram)
     return result
 

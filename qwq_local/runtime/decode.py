@@ -9,6 +9,7 @@ a handful of local-variable operations, so a token costs microseconds on top of 
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -232,6 +233,8 @@ def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset
     is_eog = lib.llama_vocab_is_eog
     vocab = model.vocab
     sample = lib.llama_sampler_sample
+    if model.guard is not None:  # RPC: reading the logits talks to the workers (see backend/rpc.py)
+        sample = functools.partial(model.guard.call, sample)
     decode_one = ctx.decode_one
     ctx_ptr = ctx.ptr
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -296,3 +299,21 @@ def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset
         state.thinking_tokens = thinking
         state.gen_seconds = time.perf_counter() - started
 
+
+
+def inject_close(lib, ctx, chain, splitter, close_tokens: Sequence[int], state: LoopState, thinking_parts: list[str],
+                 *, accept: bool) -> Iterator[Event]:
+    """thinking_budget 0: close the thought before the first sampled token (the model answers
+    at once). accept: tell the chain about the closing tokens (not for a non-lazy grammar,
+    which would reject text it did not produce; a lazy one waits for this text)."""
+    ctx.decode(list(close_tokens))
+    state.decoded.extend(close_tokens)
+    state.injected_tokens += len(close_tokens)
+    if accept:
+        for t in close_tokens:
+            lib.llama_sampler_accept(chain, t)
+    # The prompt's "<think>\n" already ends a line: no empty thought line is reported.
+    for kind, text in splitter.feed(constants.THINKING_CLOSE_TEXT.lstrip("\n")):
+        if kind == "thinking":
+            thinking_parts.append(text)
+        yield Event(kind, text)

@@ -60,14 +60,10 @@ def draft_choice(draft: str | Path | None, gpu_layers: int | None, *, draft_min:
     return resolve_path(draft), int(gpu_layers)
 
 
-def check_parallel(parallel: int, *, n_ctx: int, draft: object) -> None:
-    """QwQ.load's parallel: 1..MAX_PARALLEL sequences of at least MIN_CTX_PER_SEQ positions each,
-    and no draft beside several (verification batches are per context; docs/speculative.md)."""
+def check_parallel(parallel: int, *, n_ctx: int) -> None:
+    """QwQ.load's parallel: 1..MAX_PARALLEL sequences of at least MIN_CTX_PER_SEQ positions each."""
     if not 1 <= parallel <= constants.MAX_PARALLEL:
         raise UsageError(f"parallel must be between 1 and {constants.MAX_PARALLEL}, not {parallel}")
-    if parallel > 1 and draft is not None:
-        raise UsageError("speculative decoding (draft) works with parallel 1 only: drop the draft or "
-                         "serve one slot (docs/speculative.md)")
     if parallel > 1 and n_ctx // parallel < constants.MIN_CTX_PER_SEQ:
         raise UsageError(f"n_ctx {n_ctx} split across {parallel} sequences leaves {n_ctx // parallel} tokens "
                          f"each; give at least {constants.MIN_CTX_PER_SEQ * parallel}")

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..backend import binding as backend
 from .. import constants
-from .decode import Cancel, Event, LoopState, Reply, Sampling, build_sampler, rope_params, run_loop
+from .decode import Cancel, Event, LoopState, Reply, Sampling, build_sampler, inject_close, rope_params, run_loop
 from .prompt import PromptEncoder, normalizer_of
 from ..errors import ContextOverflowError, UsageError
 from ..gguf.safe_load import load_model
@@ -47,8 +47,10 @@ class QwQ:
         self._eog_ids: list[int] | None = None
         self._busy = False
         self.placement = f"{model.n_gpu_layers} GPU layers"
-        # speculative.Speculator when loaded with draft=..., else None (plain decoding).
+        # speculative.Speculator when loaded with draft=..., else None (plain decoding); with
+        # parallel > 1 one per sequence (_speculators, the owner's first, closed last).
         self.speculator = None
+        self._speculators: list = []
         lib = backend.llama()
         self._encoder = PromptEncoder(model, normalizer=normalizer)
         self.normalizer = normalizer
@@ -89,7 +91,8 @@ class QwQ:
         parallel > 1 makes one context with that many sequences (continuous batching, see
         backend/batched.py and `sequences()`): n_ctx is the whole KV cache and each sequence
         holds n_ctx // parallel tokens, as llama-server's slots; `n_ctx` reports the per-sequence
-        length. Speculative decoding needs parallel 1 (UsageError otherwise; docs/speculative.md).
+        length. With a draft, each sequence speculates on its own (its verification batch rides
+        in the shared batch; a draft model gets a sequence of one draft context per slot).
         """
         from ..chat.template import select_template
 
@@ -101,7 +104,7 @@ class QwQ:
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, not {threads}")
         rope_params(n_ctx, rope_scaling)  # range and choice check before any work
-        check_parallel(parallel, n_ctx=int(n_ctx), draft=draft)
+        check_parallel(parallel, n_ctx=int(n_ctx))
         path = resolve_path(model)
         draft_path, draft_gpu_layers = draft_choice(draft, draft_gpu_layers, draft_min=draft_min,
                                                      draft_max=draft_max)
@@ -150,13 +153,14 @@ class QwQ:
         qwq._shared = shared
         qwq.placement = placement
         if draft is not None:
-            from .speculative import load_speculator
+            from .speculative import load_speculators
 
             try:
-                qwq.speculator = load_speculator(
+                qwq._speculators = load_speculators(
                     draft_path or draft, target=llm, n_ctx=int(n_ctx), n_batch=n_batch, threads=threads,
                     kv_type=kv_type, flash_attn=flash_attn, rope=rope, gpu_layers=draft_gpu_layers,
-                    draft_min=draft_min, draft_max=draft_max)
+                    draft_min=draft_min, draft_max=draft_max, n_seq=parallel)
+                qwq.speculator = qwq._speculators[0]
             except BaseException:
                 qwq.close()
                 raise
@@ -176,6 +180,7 @@ class QwQ:
             for view in self._shared.views[1:]:
                 twin = copy.copy(self)
                 twin._ctx, twin._cached, twin._busy, twin._views, twin._shared = view, [], False, [], None
+                twin.speculator, twin._speculators = self._speculators[view.seq] if self._speculators else None, []
                 twin._owner = self
                 self._views.append(twin)
         return list(self._views)
@@ -195,9 +200,9 @@ class QwQ:
             self._shared.close()
             self._shared = None
             self._ctx = None
-        if self.speculator is not None:
-            self.speculator.close()
-            self.speculator = None
+        for spec in reversed(self._speculators):
+            spec.close()
+        self.speculator, self._speculators = None, []
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
@@ -384,7 +389,8 @@ class QwQ:
                 if no_room:
                     state.finish_reason = "length"
                 else:
-                    yield from self._inject_close(ctx, chain, splitter, sampling, state, thinking_parts)
+                    yield from inject_close(lib, ctx, chain, splitter, self._close_tokens, state, thinking_parts,
+                                            accept=not sampling.grammar or sampling.lazy_grammar)
             accept_injected = not sampling.grammar or sampling.lazy_grammar
             if spec is not None and not no_room:
                 from .speculative_loop import run_speculative_loop
@@ -461,19 +467,6 @@ class QwQ:
                      "gen_s": gen_s, "gen_tps": n_gen / gen_s if gen_s > 0 else 0.0,
                      "total_s": time.perf_counter() - t0})
         yield Event("done", reply=reply)
-
-    def _inject_close(self, ctx, chain, splitter, sampling, state, thinking_parts) -> Iterator[Event]:
-        ctx.decode(self._close_tokens)
-        state.decoded.extend(self._close_tokens)
-        state.injected_tokens += len(self._close_tokens)
-        if not sampling.grammar or sampling.lazy_grammar:  # a lazy grammar waits for this text
-            for t in self._close_tokens:
-                self._lib.llama_sampler_accept(chain, t)
-        # The prompt's "<think>\n" already ends a line: no empty thought line is reported.
-        for kind, text in splitter.feed(constants.THINKING_CLOSE_TEXT.lstrip("\n")):
-            if kind == "thinking":
-                thinking_parts.append(text)
-            yield Event(kind, text)
 
     def _prefill(self, tokens: list[int], cancel: Cancel | None = None) -> tuple[int, bool]:
         """Bring the KV cache to `tokens`, reusing the longest cached prefix; returns (prompt

@@ -20,6 +20,8 @@ proposals too: a proposal the grammar forbids is never drawn, so it is rejected.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -84,9 +86,14 @@ class ModelDrafter:
     kind = "model"
     costs_decode = True
 
-    def __init__(self, model, ctx, *, n_vocab: int) -> None:
+    def __init__(self, model, ctx, *, n_vocab: int, lock=None, owner=None) -> None:
         self.model = model
         self.ctx = ctx
+        # Several slots' drafters share one draft context (ctx: a sequence handle of it each):
+        # their proposals must not interleave (lock), and one of them frees that context and the
+        # model (owner: the context; ctx itself when alone).
+        self.lock = lock or contextlib.nullcontext()
+        self.owner = owner if lock is not None else ctx
         # Only ids the target knows: a draft may have more (padding) rows than the target.
         self.n_vocab = min(n_vocab, model.n_vocab)
         self.path = model.path
@@ -102,6 +109,10 @@ class ModelDrafter:
     def propose(self, n: int) -> list[int]:
         import numpy as np
 
+        with self.lock:
+            return self._propose(np, n)
+
+    def _propose(self, np, n: int) -> list[int]:
         ctx, hist, cached = self.ctx, self._hist, self._cached
         n = min(n, ctx.n_ctx - len(hist))
         if n <= 0 or not hist:
@@ -124,12 +135,11 @@ class ModelDrafter:
         return out
 
     def close(self) -> None:
-        if self.ctx is not None:
-            self.ctx.close()
-            self.ctx = None
-        if self.model is not None:
-            self.model.close()
-            self.model = None
+        if self.owner is not None:
+            self.owner.close()
+            if self.model is not None:
+                self.model.close()
+        self.ctx = self.model = self.owner = None
 
 
 def check_vocab_compatible(target, draft) -> None:
@@ -183,18 +193,23 @@ class TargetSampler:
 
     def __init__(self, lib, chain, ctx) -> None:
         self._sample = lib.llama_sampler_sample
+        guard = ctx.model.guard
+        if guard is not None:  # RPC: reading the logits talks to the workers (see backend/rpc.py)
+            self._sample = functools.partial(guard.call, self._sample)
         self._accept = lib.llama_sampler_accept
         self._chain = chain
         self._ctx = ctx.ptr
+        self._row = ctx.output_row  # a slot's rows sit elsewhere in a shared batch
 
     def sample(self, row: int = -1) -> int:
-        """A token drawn from the target's distribution after batch row `row` (-1: the last)."""
-        return self._sample(self._chain, self._ctx, row)
+        """A token drawn from the target's distribution after the row-th token of the last
+        batch (-1: the last)."""
+        return self._sample(self._chain, self._ctx, self._row(row))
 
     def verify(self, row: int, proposed: int) -> tuple[int, bool]:
         """(token, kept): `proposed` is kept with probability p(proposed); otherwise the token
         is a draw from p without it (the residual of a point-mass proposal)."""
-        tok = self._sample(self._chain, self._ctx, row)
+        tok = self._sample(self._chain, self._ctx, self._row(row))
         return tok, tok == proposed
 
     def accept(self, token: int) -> None:
@@ -316,18 +331,23 @@ class Speculator:
         self.drafter.close()
 
 
-def load_speculator(draft: str | Path, *, target, n_ctx: int, n_batch: int, threads: int | None,
-                    kv_type: str, flash_attn: bool | None, rope: dict | None, gpu_layers: int,
-                    draft_min: int, draft_max: int) -> Speculator:
-    """A Speculator for `draft`: "ngram", or a GGUF path whose vocabulary matches the target's
-    (validated with qwq_local.gguf like every load, then check_vocab_compatible). The draft model
-    gets its own context of n_ctx tokens with the target's KV type and rope choice.
+def load_speculators(draft: str | Path, *, target, n_ctx: int, n_batch: int, threads: int | None,
+                     kv_type: str, flash_attn: bool | None, rope: dict | None, gpu_layers: int,
+                     draft_min: int, draft_max: int, n_seq: int = 1) -> list[Speculator]:
+    """One Speculator per sequence of the target (n_seq: QwQ.load's parallel) for `draft`:
+    "ngram", or a GGUF path whose vocabulary matches the target's (validated with qwq_local.gguf
+    like every load, then check_vocab_compatible). The draft model gets one context of n_ctx
+    tokens with the target's KV type and rope choice and n_seq sequences, one per slot, each
+    drafted on its own (as llama-server gives every slot its own draft context).
+    The first Speculator owns the draft model and context: close it last.
 
     Raises UsageError (bad sizes, other vocabulary), ModelNotFoundError, BadModelFileError,
     RuntimeLoadError."""
     AdaptiveLength(draft_min=draft_min, draft_max=draft_max)  # range check before any load
     if str(draft).strip().lower() == constants.DRAFT_NGRAM:
-        return Speculator(NgramDrafter(), draft_min=draft_min, draft_max=draft_max)
+        return [Speculator(NgramDrafter(), draft_min=draft_min, draft_max=draft_max) for _ in range(n_seq)]
+    import threading
+
     from ..backend import binding as backend
     from ..gguf.safe_load import load_model
 
@@ -336,9 +356,14 @@ def load_speculator(draft: str | Path, *, target, n_ctx: int, n_batch: int, thre
     try:
         check_vocab_compatible(target, model)
         ctx = backend.Context(model, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, type_k=kv_type,
-                              type_v=kv_type, flash_attn=flash_attn, rope=rope)
+                              type_v=kv_type, flash_attn=flash_attn, rope=rope, n_seq=n_seq)
     except BaseException:
         model.close()
         raise
-    return Speculator(ModelDrafter(model, ctx, n_vocab=target.n_vocab), draft_min=draft_min, draft_max=draft_max)
-
+    if n_seq == 1:
+        return [Speculator(ModelDrafter(model, ctx, n_vocab=target.n_vocab), draft_min=draft_min,
+                           draft_max=draft_max)]
+    lock = threading.Lock()
+    drafters = [ModelDrafter(model, ctx.sequence(i), n_vocab=target.n_vocab, lock=lock, owner=ctx if i == 0 else None)
+                for i in range(n_seq)]
+    return [Speculator(d, draft_min=draft_min, draft_max=draft_max) for d in drafters]

@@ -241,10 +241,16 @@ async def collect(job: Job, is_disconnected) -> Any:
 
 
 def usage_of(reply: Any) -> dict:
+    """OpenAI's usage object. Speculative decoding's proposals go where OpenAI reports those of
+    Predicted Outputs: completion_tokens_details.accepted_prediction_tokens (kept) and
+    rejected_prediction_tokens (verified and dropped)."""
     u = reply.usage
+    drafted, kept = u.get("draft_tokens", 0), u.get("draft_accepted_tokens", 0)
     return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
             "total_tokens": u["total_tokens"],
-            "completion_tokens_details": {"reasoning_tokens": u.get("thinking_tokens", 0)},
+            "completion_tokens_details": {"reasoning_tokens": u.get("thinking_tokens", 0),
+                                          "accepted_prediction_tokens": kept,
+                                          "rejected_prediction_tokens": drafted - kept},
             "prompt_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)}}
 
 

@@ -22,6 +22,10 @@ class Metrics:
                                             "Prompt tokens reused from a slot's KV cache", registry=r)
         self.completion_tokens = Counter("qwq_local_completion_tokens", "Generated tokens (thought included)",
                                          registry=r)
+        self.draft_tokens = Counter("qwq_local_draft_tokens", "Tokens proposed by speculative decoding's drafter",
+                                    registry=r)
+        self.draft_accepted_tokens = Counter("qwq_local_draft_accepted_tokens",
+                                             "Proposed tokens that verification kept", registry=r)
         self.tokens_per_second = Gauge("qwq_local_generation_tokens_per_second",
                                        "Generation speed of the last finished request (tokens/s)", registry=r)
         # Continuous batching (--parallel > 1): sequences / calls is the mean batch width.
@@ -39,6 +43,8 @@ class Metrics:
         self.prompt_tokens.inc(usage.get("prompt_tokens", 0))
         self.prompt_tokens_cached.inc(usage.get("cached_tokens", 0))
         self.completion_tokens.inc(usage.get("completion_tokens", 0))
+        self.draft_tokens.inc(usage.get("draft_tokens", 0))
+        self.draft_accepted_tokens.inc(usage.get("draft_accepted_tokens", 0))
         if reply.timings.get("gen_tps"):
             self.tokens_per_second.set(reply.timings["gen_tps"])
 

@@ -141,3 +141,27 @@ def test_split_across_local_and_two_workers_matches_local_logits(rpc_workers, ti
     ctx.close()
     model.close()
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_worker_that_dies_between_calls_is_an_error_at_the_next_call(tiny_gguf, monkeypatch):
+    """ggml-rpc's connection thread sees a dropped socket at once, between two of our calls: the
+    next call must not wait on that connection (until QWQ_LOCAL_RPC_TIMEOUT) but fail now."""
+    from qwq_local import constants
+    from qwq_local.runtime.model import QwQ
+
+    monkeypatch.setenv(constants.ENV_RPC_TIMEOUT, "60")
+    proc, endpoint = start_worker()
+    messages = [{"role": "user", "content": "Count to twenty."}]
+    try:
+        llm = QwQ.load(tiny_gguf, n_ctx=256, rpc=[endpoint], gpu_layers=2, seed=1)
+        llm.chat(messages, temperature=0, max_tokens=4)
+        proc.kill()
+        proc.wait()
+        time.sleep(1)
+        t0 = time.monotonic()
+        with pytest.raises(RpcError, match=f"lost the RPC worker {endpoint}"):
+            llm.chat(messages, temperature=0, max_tokens=4)
+        assert time.monotonic() - t0 < 10
+        llm.close()  # abandons the model; must not hang
+    finally:
+        proc.kill()

@@ -562,11 +562,9 @@ def test_rope_scaling_in_the_gguf_is_ignored_up_to_8192(tmp_path):
     assert freq_scale(lambda: QwQ.load(path, n_ctx=65536, gpu_layers=0)) == ["0.25"]
 
 
-def test_parallel_sequences_split_the_context_and_refuse_a_draft(tiny_gguf):
-    from qwq_local import QwQ, UsageError
+def test_parallel_sequences_split_the_context(tiny_gguf):
+    from qwq_local import QwQ
 
-    with pytest.raises(UsageError, match="parallel 1"):
-        QwQ.load(tiny_gguf, n_ctx=1024, threads=1, parallel=2, draft="ngram")
     with QwQ.load(tiny_gguf, n_ctx=1024, threads=1, parallel=4) as m:
         seqs = m.sequences()
         assert len(seqs) == 4 and seqs[0] is m

@@ -413,3 +413,70 @@ def test_cli_run_and_bench_with_draft(tiny_gguf_f32):
     assert result.exit_code == 0, result.output
     assert re.search(r"tg16\s+[\d.]+ tokens/s\n", result.stdout)
     assert re.search(r"tg16\s+[\d.]+ tokens/s with --draft ngram \([\d.]+x; ", result.stdout)
+
+
+# --- several slots (QwQ.load(parallel=N)): each speculates inside the shared batch ---------
+
+PARALLEL_PROMPTS = [USER, CODE, [{"role": "user", "content": "List ten colours, one per line."}]]
+
+
+@pytest.fixture(scope="module")
+def parallel_refs(sharp_gguf, plain):
+    """Each prompt's greedy reply from plain decoding, cut where its margins stop being wide."""
+    refs = []
+    for messages in PARALLEL_PROMPTS:
+        ref = greedy(plain, messages, max_tokens=60, ignore_eos=True)
+        found = margins(sharp_gguf, plain.tokenize(plain.render_prompt(messages)), ref.tokens)
+        n = next((i for i, m in enumerate(found) if m <= MIN_MARGIN), len(found))
+        assert n >= 30, found[:n + 1]
+        refs.append(ref.tokens[:n])
+    return refs
+
+
+@pytest.mark.parametrize("draft,mode", [("ngram", "spawn"), ("ngram", "threads"), ("self", "spawn"),
+                                        ("other", "spawn")])
+def test_each_slot_speculates_in_the_shared_batch_and_equals_plain(sharp_gguf, sharp_other_gguf, parallel_refs,
+                                                                   draft, mode):
+    """Three slots generate different replies at once, each verifying its proposals in the
+    batch it shares with the others (rows mapped per slot, rejected positions removed from that
+    slot's sequence only): every reply equals plain decoding where margins are wide."""
+    import threading
+
+    path = {"ngram": "ngram", "self": sharp_gguf, "other": sharp_other_gguf}[draft]
+    m = QwQ.load(sharp_gguf, n_ctx=3072, gpu_layers=0, seed=1, threads=1, draft=str(path), draft_max=4,
+                 parallel=3)
+    try:
+        seqs = m.sequences()
+        assert len({id(s.speculator) for s in seqs}) == 3  # a drafter and its statistics per slot
+        steps: list[tuple[int, int]] = []
+        m.shared.on_decode = lambda n_tokens, n_seqs: steps.append((n_tokens, n_seqs))
+        replies: dict[int, object] = {}
+        done = threading.Semaphore(0)
+
+        def job(i: int) -> None:
+            try:
+                replies[i] = greedy(seqs[i], PARALLEL_PROMPTS[i], max_tokens=len(parallel_refs[i]), ignore_eos=True)
+            finally:
+                done.release()
+
+        for i in range(3):
+            if mode == "spawn":
+                m.shared.spawn(lambda i=i: job(i))
+            else:
+                threading.Thread(target=job, args=(i,)).start()
+        for _ in range(3):
+            assert done.acquire(timeout=120)
+        for i in range(3):
+            assert replies[i].tokens == parallel_refs[i], i
+            assert replies[i].usage["draft_tokens"] > 0
+        # Verification batches of several slots went into one llama_decode.
+        assert any(n_seqs >= 2 and n_tokens > n_seqs for n_tokens, n_seqs in steps)
+        if draft == "self":
+            assert all(r.usage["draft_accepted_tokens"] == r.usage["draft_tokens"] for r in replies.values())
+        if draft == "other":
+            assert any(r.usage["draft_accepted_tokens"] < r.usage["draft_tokens"] for r in replies.values())
+        # The next turn of a slot reuses its KV prefix: nothing rejected was left behind.
+        again = greedy(seqs[1], PARALLEL_PROMPTS[1], max_tokens=len(parallel_refs[1]), ignore_eos=True)
+        assert again.tokens == parallel_refs[1] and again.usage["cached_tokens"] > 0
+    finally:
+        m.close()

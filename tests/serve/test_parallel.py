@@ -3,6 +3,7 @@ openai client against a real server process on the tiny model."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -122,13 +123,73 @@ def test_special_in_content_reads_control_text_as_tokens(pclient, client):
     assert special < plain  # each control text is one token with the option, several without
 
 
-def test_draft_is_turned_off_with_a_warning_for_several_slots(tiny_gguf):
-    srv = Server(tiny_gguf, "--parallel", "2", "--draft", "ngram")
+@pytest.fixture(scope="module")
+def sharp_gguf(tmp_path_factory):
+    """Sharp logits (output x100): wide top-1/top-2 margins, so speculation's output equals plain
+    decoding's on any CPU (tests/runtime/test_speculative.py checks the margins)."""
+    from gguf_craft import write_tiny_qwen2
+
+    return write_tiny_qwen2(tmp_path_factory.mktemp("sharp") / "sharp.gguf", output_scale=100.0, n_embd=128,
+                            n_ff=256, n_layer=2)
+
+
+def test_several_slots_speculate(sharp_gguf):
+    """--parallel 2 --draft ngram: both slots speculate; the replies equal those of a server
+    without a draft (temperature 0), usage reports the kept proposals and /metrics the drafted."""
+    body = {"messages": [{"role": "user", "content": "Repeat: one two three one two three one two three"}],
+            "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    texts = {}
+    for draft in ((), ("--draft", "ngram")):
+        srv = Server(sharp_gguf, "--parallel", "2", "--ctx", "4096", *draft)
+        try:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:
+                replies = list(pool.map(lambda _: requests.post(srv.url + "/v1/chat/completions", json=body,
+                                                                timeout=120).json(), range(2)))
+            texts[bool(draft)] = [r["choices"][0]["message"] for r in replies]
+            metrics = requests.get(srv.url + "/metrics", timeout=30).text
+        finally:
+            srv.stop()
+    assert texts[True] == texts[False]
+    assert all(r["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0 for r in replies)
+    drafted = [line for line in metrics.splitlines() if line.startswith("qwq_local_draft_tokens_total")]
+    assert drafted and float(drafted[0].split()[-1]) > 0, drafted
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_a_lost_rpc_worker_is_503_backend_unavailable_and_the_server_lives(tiny_gguf, parallel):
+    """A worker killed while the server generates: that stream ends with the 503 error object
+    (code backend_unavailable, no internals), later requests get the same at once, and the
+    process keeps answering (/health)."""
+    import time
+
+    from tests.conftest import start_worker
+
+    worker, endpoint = start_worker()
+    srv = Server(tiny_gguf, "--rpc", endpoint, "--gpu-layers", "2", "--parallel", parallel, "--ctx", "1024")
     try:
-        reply = requests.post(srv.url + "/v1/chat/completions", timeout=60,
+        body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 100000,
+                "ignore_eos": True, "stream": True}
+        with requests.post(srv.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as reply:
+            assert reply.status_code == 200
+            lines = reply.iter_lines()
+            assert next(line for line in lines if line.startswith(b"data: "))
+            worker.kill()
+            worker.wait()
+            t0, rest = time.monotonic(), []
+            for line in lines:  # SSE pings keep a stuck stream alive: check the clock on each line
+                assert time.monotonic() - t0 < 30, "the stream did not end after the worker died"
+                if line.startswith(b"data: "):
+                    rest.append(line)
+        assert rest[-1] == b"data: [DONE]"
+        error = json.loads(rest[-2][len(b"data: "):])["error"]
+        assert error["code"] == "backend_unavailable" and "Traceback" not in error["message"], error
+        again = requests.post(srv.url + "/v1/chat/completions", timeout=60,
                               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        assert reply.status_code == 200
-        srv.proc.terminate()
-        assert "speculative decoding is off with --parallel 2" in srv.proc.stderr.read()
+        assert again.status_code == 503 and again.json()["error"]["code"] == "backend_unavailable"
+        assert requests.get(srv.url + "/health", timeout=10).status_code in (200, 503)
     finally:
         srv.stop()
+        if worker.poll() is None:
+            worker.kill()
