@@ -7,8 +7,9 @@ Without --model it uses bench_runtime.py's QwQ-shaped random Q4_K_M model (built
 - llama_decode time for a batch of 1, 2 and 4 tokens of different sequences (median of 40, one
   context with 4 sequences): the ceiling of continuous batching on this machine (k tokens in
   the time of one decode gives at most k / (batch time / one-token time) times the throughput);
-- aggregate tokens/s of 1, 2 and 4 concurrent generations through `QwQ.load(parallel=4)`
-  (the server's slot engine without HTTP), end tokens banned, temperature 0.
+- aggregate tokens/s of 1, 2 and 4 concurrent generations through `QwQ.load(parallel=4)`, run
+  as the server runs them (jobs on the shared context's decode thread) without HTTP, end tokens
+  banned, temperature 0.
 """
 
 from __future__ import annotations
@@ -56,26 +57,32 @@ def decode_costs(path: Path, threads: int) -> dict[int, float]:
 
 
 def engine_rates(path: Path, threads: int, tokens: int) -> dict[int, float]:
+    """Aggregate tokens/s of k generations run as the server runs them: jobs on the shared
+    context's decode thread (SharedContext.spawn), no HTTP."""
     from qwq_local import QwQ
 
     rates = {}
     with QwQ.load(path, n_ctx=4096, gpu_layers=0, parallel=4, threads=threads, seed=0) as qwq:
         slots, bias = qwq.sequences(), qwq.eog_bias()
-
-        def work(slot, i: int, out: list) -> None:
-            reply = slot.chat([{"role": "user", "content": f"Story number {i}"}], max_tokens=tokens,
-                              temperature=0, logit_bias=bias)
-            out.append(reply.usage["completion_tokens"])
-
-        for k in (1, 2, 4):
+        for round_, k in enumerate((4, 1, 2, 4)):  # the first round warms up (not reported)
             out: list[int] = []
-            workers = [threading.Thread(target=work, args=(slots[i], i, out)) for i in range(k)]
+            done = threading.Semaphore(0)
+
+            def work(i: int) -> None:
+                try:
+                    reply = slots[i].chat([{"role": "user", "content": f"Story number {i}"}], max_tokens=tokens,
+                                          temperature=0, logit_bias=bias)
+                    out.append(reply.usage["completion_tokens"])
+                finally:
+                    done.release()
+
             t = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            rates[k] = sum(out) / (time.perf_counter() - t)
+            for i in range(k):
+                qwq.shared.spawn(lambda i=i: work(i))
+            for _ in range(k):
+                done.acquire()
+            if round_:
+                rates[k] = sum(out) / (time.perf_counter() - t)
     return rates
 
 

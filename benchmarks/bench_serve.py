@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_serve.py [--model FILE.gguf] [--tokens 128] [--threads 2]
                                                [--streams 1,2,4,8] [--prompt-tokens 1024]
-                                               [--parallel N] [--rounds 3] [--llama-server PATH]
-                                               [--json]
+                                               [--parallel N] [--rounds 3] [--draft ngram|FILE]
+                                               [--llama-server PATH] [--json]
 
 Without --model it uses bench_runtime.py's QwQ-shaped random Q4_K_M model (hidden 1024, 8
 layers, built once in --workdir). Reported, as medians over --rounds rounds that interleave
@@ -46,9 +46,12 @@ SYSTEM = "You are a helpful assistant. " * 4
 USER = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
-def start_qwq(model: Path, *, ctx: int, threads: int, parallel: int) -> tuple[subprocess.Popen, str]:
+def start_qwq(model: Path, *, ctx: int, threads: int, parallel: int, draft: str | None = None
+              ) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "qwq_local.cli", "serve", "-m", str(model), "--port", "0", "--ctx", str(ctx * parallel),
            "--threads", str(threads), "--alias", "bench", "--parallel", str(parallel), "--queue", "64"]
+    if draft:
+        cmd += ["--draft", draft]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = re.search(r"(http://127\.0\.0\.1:\d+)", line)
@@ -166,6 +169,7 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=None,
                         help="slots of qwq-local serve (default: the most --streams), each with the context of one")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--draft", help="speculative decoding in qwq-local serve: ngram or a draft GGUF")
     parser.add_argument("--llama-server", help="path to llama.cpp's llama-server, to compare against")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -180,7 +184,7 @@ def main() -> int:
     parallel = args.parallel or max(streams)
     procs, clients = [], {}
     try:
-        proc, url = start_qwq(model, ctx=ctx, threads=args.threads, parallel=parallel)
+        proc, url = start_qwq(model, ctx=ctx, threads=args.threads, parallel=parallel, draft=args.draft)
         procs.append(proc)
         clients["qwq_local"] = client_for(url)
         if args.llama_server:

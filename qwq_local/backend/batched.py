@@ -2,14 +2,14 @@
 the pending tokens of all of them (llama-server's slots: one sequence id per slot, one batch
 per step, prompt chunks of newly admitted requests riding along with generated tokens).
 
-Each sequence is driven by its own thread through a `SequenceView`, which looks like a
-`binding.Context` to the single-sequence code (QwQ.stream_prompt, decode.run_loop): decode(),
-decode_one(), truncate(), n_past, out_index. A view's decode does not call llama_decode itself:
+Each sequence is driven through a `SequenceView`, which looks like a `binding.Context` to the single-sequence code (QwQ.stream_prompt, decode.run_loop): decode(),
+decode_one(), decode_verify(), truncate(), n_past, out_index, output_row(). A view's decode does not call llama_decode itself:
 it submits its tokens and waits. When every sequence in use (a member: it has touched the
 context and not yet released it) waits with tokens, the context's one decode thread decodes one
 batch for all of them, then wakes those whose tokens are all in; each samples at its own batch
-row (`out_index`, for llama_sampler_sample) before the next batch is built, because a decode
-overwrites the logits. A member that releases (its request ended, was cancelled or failed) stops
+row (`out_index` / `output_row(i)`, for llama_sampler_sample) before the next batch is built,
+because a decode overwrites the logits. A speculating sequence's verification batch (logits at
+every position) always goes into one decode whole. A member that releases (its request ended, was cancelled or failed) stops
 holding the others back at once, so a finished or disconnected slot frees within one decode step.
 
 Two ways to drive a sequence: from a thread of the caller's (the view's decode blocks that
@@ -22,7 +22,7 @@ thread, between two decodes, with no thread hand-offs and no GIL contention.
 Why one decode thread: ggml's CPU backend runs on OpenMP, whose thread team belongs to the OS
 thread that calls llama_decode, and an idle team spins for a while before it sleeps. When the
 sequences' own threads took turns decoding, the idle teams spun on the cores the busy one
-needed: a 4-sequence batch took 16.9 ms instead of 8.8 ms (benchmarks/bench_batch.py).
+needed: a 4-sequence batch took 16.9 ms instead of 8.8 ms (docs/serve.md, Speed).
 
 KV cells: with kv_unified off (llama.cpp's default) each sequence has its own stream of
 n_ctx / n_seq cells, so a sequence's positions run 0..n_ctx/n_seq-1 (llama-context.cpp,
@@ -133,7 +133,7 @@ class SharedContext:
                 except Exception:  # a wake-up must not stop the decode thread
                     log.exception("a deferred call failed")
 
-    # --- called by the views, each from its own thread -------------------------------------
+    # --- called by the views (from the caller's threads or spawned jobs) ---------------------
 
     def submit(self, seq: int, tokens: Sequence[int], pos: int, logits: str) -> _Submission:
         sub = _Submission(seq, list(tokens), pos, logits)

@@ -168,9 +168,10 @@ class QwQ:
 
     def sequences(self) -> list["QwQ"]:
         """One QwQ per sequence of the shared context (this object is sequence 0), for the
-        server's slots: each has its own KV prefix and generates in its own thread (or a job given
-        to `shared.spawn`), and their llama_decode calls are merged into one batch per step (backend/batched.py). With
-        parallel 1 it is [self]. Closing this object closes them all."""
+        server's slots: each has its own KV prefix (and drafter) and generates in a thread of the
+        caller's or a job given to `shared.spawn`; their llama_decode calls are merged into one
+        batch per step (backend/batched.py). With parallel 1 it is [self]. Closing this object
+        closes them all."""
         if self._shared is None:
             return [self]
         if not self._views:
