@@ -2,15 +2,17 @@
 the pending tokens of all of them (llama-server's slots: one sequence id per slot, one batch
 per step, prompt chunks of newly admitted requests riding along with generated tokens).
 
-Each sequence is driven through a `SequenceView`, which looks like a `binding.Context` to the single-sequence code (QwQ.stream_prompt, decode.run_loop): decode(),
-decode_one(), decode_verify(), truncate(), n_past, out_index, output_row(). A view's decode does not call llama_decode itself:
-it submits its tokens and waits. When every sequence in use (a member: it has touched the
-context and not yet released it) waits with tokens, the context's one decode thread decodes one
-batch for all of them, then wakes those whose tokens are all in; each samples at its own batch
-row (`out_index` / `output_row(i)`, for llama_sampler_sample) before the next batch is built,
-because a decode overwrites the logits. A speculating sequence's verification batch (logits at
-every position) always goes into one decode whole. A member that releases (its request ended, was cancelled or failed) stops
-holding the others back at once, so a finished or disconnected slot frees within one decode step.
+Each sequence is driven through a `SequenceView`, which looks like a `binding.Context` to the
+single-sequence code (QwQ.stream_prompt, decode.run_loop, the speculative loop): decode(),
+decode_one(), decode_verify(), truncate(), n_past, out_index, output_row(). A view's decode does
+not call llama_decode itself: it submits its tokens and waits. When every sequence in use (a
+member: it has touched the context and not yet released it) waits with tokens, the context's one
+decode thread decodes one batch for all of them, then wakes those whose tokens are all in; each
+samples at its own batch row (`out_index` / `output_row(i)`, for llama_sampler_sample) before the
+next batch is built, because a decode overwrites the logits. A speculating sequence's
+verification batch (logits at every position) always goes into one decode whole. A member that
+releases (its request ended, was cancelled or failed) stops holding the others back at once, so a
+finished or disconnected slot frees within one decode step.
 
 Two ways to drive a sequence: from a thread of the caller's (the view's decode blocks that
 thread until its batch is decoded), or as a job handed to `spawn`, which runs it in a greenlet
