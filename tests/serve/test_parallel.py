@@ -166,8 +166,13 @@ def test_a_lost_rpc_worker_is_503_backend_unavailable_and_the_server_lives(tiny_
 
     from tests.conftest import start_worker
 
+    from qwq_local import constants
+
     worker, endpoint = start_worker()
-    srv = Server(tiny_gguf, "--rpc", endpoint, "--gpu-layers", "2", "--parallel", parallel, "--ctx", "1024")
+    # A killed worker is normally seen at once; QWQ_LOCAL_RPC_TIMEOUT bounds the rare case where
+    # its dropped connection is noticed by no call (2 of about 12 suite runs hung without it).
+    srv = Server(tiny_gguf, "--rpc", endpoint, "--gpu-layers", "2", "--parallel", parallel, "--ctx", "1024",
+                 env={constants.ENV_RPC_TIMEOUT: "10"})
     try:
         body = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 100000,
                 "ignore_eos": True, "stream": True}
