@@ -1,6 +1,8 @@
 """`qwq-local serve`: the OpenAI-compatible server (a thin client of `qwq_local.serve`)."""
 
+import faulthandler
 import os
+import signal
 from typing import Optional
 
 import typer
@@ -58,6 +60,10 @@ def serve_cmd(
     def ready(url: str) -> None:
         slots = f", {parallel} slots of {llm.n_ctx} tokens" if parallel > 1 else ""
         typer.echo(f"qwq-local: serving {llm.path.name} at {url}/v1 (chat page: {url}/){slots}", err=False)
+
+    if hasattr(signal, "SIGUSR1"):
+        # `kill -USR1 PID` prints every thread's Python stack to stderr: what a stuck server waits on.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     serve(llm, host=host, port=port, api_key=api_key, no_api_key=no_api_key, alias=alias, cors=cors,
           parallel=parallel, queue_size=queue, special_in_content=special_in_content, on_ready=ready)

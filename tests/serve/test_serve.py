@@ -368,3 +368,21 @@ def test_serve_takes_the_loading_options_of_run(tiny_gguf, client, no_end):
     finally:
         assert srv.stop() == -signal.SIGTERM  # a clean shutdown re-raises the signal
     assert (reply.reasoning_content, reply.content) == (plain.reasoning_content, plain.content)
+
+
+def test_sigusr1_prints_every_threads_stack(tiny_gguf):
+    """`kill -USR1 PID` on a running server prints each thread's Python stack to stderr (for a
+    server that seems stuck) and the server keeps serving."""
+    import time
+
+    srv = Server(tiny_gguf, "--alias", "tiny", "--parallel", "2", "--ctx", "1024")
+    try:
+        srv.proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        assert requests.get(srv.url + "/health", timeout=10).status_code == 200
+    finally:
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(15)
+        err = srv.proc.stderr.read()
+        srv.stop()
+    assert "Thread 0x" in err and "_decode_loop" in err, err[-3000:]
