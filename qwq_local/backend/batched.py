@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import greenlet
 
 from ..errors import ContextOverflowError, RuntimeLoadError, UsageError
-from .binding import Context, Model, llama, log_tail
+from .binding import Context, Model, decode_batch, llama
 
 log = logging.getLogger("qwq_local.backend")
 
@@ -78,11 +78,7 @@ class SharedContext:
         self.ctx = Context(model, n_ctx=n_ctx, n_seq=n_seq, **params)
         self.model = model
         self.n_seq = n_seq
-        lib = llama()
-        # What llama.cpp gives each sequence (it may round the context up); the caller's limit
-        # is n_ctx // n_seq.
-        self.n_ctx_seq = int(lib.llama_n_ctx_seq(self.ctx.ptr)) if hasattr(lib, "llama_n_ctx_seq") \
-            else self.ctx.n_ctx // n_seq
+        self.n_ctx_seq = self.ctx.n_ctx_seq  # the caller's limit is n_ctx // n_seq
         self.n_batch = self.ctx.n_batch
         self.on_decode = on_decode
         lock = threading.Lock()
@@ -173,7 +169,7 @@ class SharedContext:
         with self._cond:
             while self._decoding:
                 self._cond.wait()
-            lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx.ptr), seq, max(0, p0) if p0 > 0 else -1, -1)
+            lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx.ptr), seq, max(0, p0), -1)
 
     # --- the decode thread ------------------------------------------------------------------
 
@@ -234,7 +230,7 @@ class SharedContext:
             subs = sorted(self._pending.values(), key=lambda s: len(s.tokens) - s.done_n)  # generated tokens first
             batch = self.ctx._batch
             n = 0
-            placed: list[tuple[_Submission, int, int]] = []  # (submission, first row, count)
+            placed: list[tuple[_Submission, list[int], int]] = []  # (submission, its rows with logits, count)
             for sub in subs:
                 room = self.n_batch - n
                 if room <= 0:
@@ -242,36 +238,35 @@ class SharedContext:
                 take = min(room, len(sub.tokens) - sub.done_n)
                 if sub.logits == "all" and take < len(sub.tokens) - sub.done_n and n > 0:
                     continue  # a verification batch stays whole (its rows are read together): next batch
+                rows = []
                 for j in range(take):
                     k = sub.done_n + j
                     batch.token[n + j] = sub.tokens[k]
                     batch.pos[n + j] = sub.pos + k
                     batch.seq_id[n + j][0] = sub.seq
-                    last = k == len(sub.tokens) - 1
-                    batch.logits[n + j] = sub.logits == "all" or (sub.logits == "last" and last)
-                placed.append((sub, n, take))
+                    wanted = sub.logits == "all" or (sub.logits == "last" and k == len(sub.tokens) - 1)
+                    batch.logits[n + j] = wanted
+                    if wanted:
+                        rows.append(n + j)
+                placed.append((sub, rows, take))
                 n += take
             batch.n_tokens = n
             self._decoding = True
             self._cond.release()
+            error = None
             try:
                 self._run_deferred()
-                guard = self.model.guard
-                lib = llama()
-                rc = guard.call(lib.llama_decode, self.ctx.ptr, batch) if guard else lib.llama_decode(self.ctx.ptr,
-                                                                                                   batch)
-                error = None if rc == 0 else RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
-            except BaseException as exc:  # a lost RPC worker, ...: every sequence in this batch fails
+                decode_batch(self.model, self.ctx.ptr, batch)
+            except BaseException as exc:  # refused, a lost RPC worker, ...: every sequence in it fails
                 error = exc
             finally:
                 self._cond.acquire()
                 self._decoding = False
-            for sub, first, count in placed:
+            for sub, rows, count in placed:
                 if error is not None:
                     sub.error = error
                     continue
-                sub.rows = [first + j for j in range(count)
-                            if sub.logits == "all" or (sub.logits == "last" and sub.done_n + j == len(sub.tokens) - 1)]
+                sub.rows = rows
                 sub.done_n += count
             for sub, _, _ in placed:
                 if sub.done:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import functools
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,26 @@ from .library import (  # noqa: F401  (part of the binding's API: backend.llama(
 )
 
 _STATE: dict[str, Any] = {}  # this process's extra-buffer verdict
+
+
+def guarded(guard, fn: Any, *args: Any) -> Any:
+    """fn(*args), through `guard` (an rpc.RpcGuard: Model.guard of a model on RPC workers) when
+    there is one: every llama.cpp call that may wait for a worker goes this way."""
+    return guard.call(fn, *args) if guard is not None else fn(*args)
+
+
+def through_guard(model: "Model", fn: Any) -> Any:
+    """fn itself, or fn routed through the model's RPC guard: for hot loops that look the
+    function up once (decode.run_loop's sampler call)."""
+    return fn if model.guard is None else functools.partial(model.guard.call, fn)
+
+
+def decode_batch(model: "Model", ctx_ptr: Any, batch: Any) -> None:
+    """llama_decode of a filled batch (through the model's RPC guard); RuntimeLoadError when
+    llama.cpp refuses it."""
+    rc = guarded(model.guard, llama().llama_decode, ctx_ptr, batch)
+    if rc != 0:
+        raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +231,7 @@ class Model:
             keep.append((ctypes.c_float * len(split))(*split))
             params.tensor_split = ctypes.cast(keep[-1], ctypes.POINTER(ctypes.c_float))
         load = lib.llama_model_load_from_file
-        ptr = guard.call(load, str(path).encode(), params) if guard else load(str(path).encode(), params)
+        ptr = guarded(guard, load, str(path).encode(), params)
         if not ptr:
             raise RuntimeLoadError(f"llama.cpp could not load {path}: {log_tail(3) or 'no log'}")
         model = cls(ptr, path, extra_bufts=bool(extra_bufts), n_gpu_layers=int(n_gpu_layers))
@@ -321,14 +342,15 @@ class Context:
         params.no_perf = False
         self.model = model
         self.params = params
-        guard = model.guard
-        init = lib.llama_init_from_model
-        self.ptr = guard.call(init, model.ptr, params) if guard else init(model.ptr, params)
+        self.ptr = guarded(model.guard, lib.llama_init_from_model, model.ptr, params)
         if not self.ptr:
             raise RuntimeLoadError(
                 f"llama.cpp could not create a context of {n_ctx} tokens for {model.path}: "
                 f"{log_tail(3) or 'no log'} (try a smaller --ctx or a q8_0 KV cache)")
         self.n_ctx = lib.llama_n_ctx(self.ptr)
+        # Each sequence's share of the KV cache (n_ctx // n_seq; llama.cpp may round n_ctx up).
+        self.n_ctx_seq = int(lib.llama_n_ctx_seq(self.ptr)) if hasattr(lib, "llama_n_ctx_seq") \
+            else self.n_ctx // max(1, int(n_seq))
         self.n_batch = lib.llama_n_batch(self.ptr)
         self.logits_all = logits_all
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
@@ -347,11 +369,8 @@ class Context:
         n_ctx // n_seq positions, decoded on its own (not batched with the other sequences, as
         batched.SharedContext does). It shares this context's pointer and batch, so calls on
         different handles must not overlap; closing a handle does nothing."""
-        lib = llama()
         handle = copy.copy(self)
-        handle.seq, handle.n_past, handle._handle = int(seq), 0, True
-        handle.n_ctx = int(lib.llama_n_ctx_seq(self.ptr)) if hasattr(lib, "llama_n_ctx_seq") \
-            else self.n_ctx // max(1, int(self.params.n_seq_max))
+        handle.seq, handle.n_past, handle._handle, handle.n_ctx = int(seq), 0, True, self.n_ctx_seq
         return handle
 
     def output_row(self, i: int) -> int:
@@ -389,7 +408,6 @@ class Context:
         logits: "last" (only the final token's), "all" (every token's, read with logits(i)
         for i in range(len(tokens)) of the final batch), or "none".
         """
-        lib = llama()
         pos = self.n_past if start_pos is None else start_pos
         if pos + len(tokens) > self.n_ctx:
             from ..errors import ContextOverflowError
@@ -406,10 +424,7 @@ class Context:
                 batch.seq_id[i][0] = self.seq
                 batch.logits[i] = logits == "all" or (logits == "last" and last_chunk and i == len(chunk) - 1)
             batch.n_tokens = len(chunk)
-            guard = self.model.guard
-            rc = guard.call(lib.llama_decode, self.ptr, batch) if guard else lib.llama_decode(self.ptr, batch)
-            if rc != 0:
-                raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
+            decode_batch(self.model, self.ptr, batch)
         self.n_past = pos + len(tokens)
 
     def decode_one(self, token: int) -> None:
@@ -420,47 +435,28 @@ class Context:
         batch.seq_id[0][0] = self.seq
         batch.logits[0] = True
         batch.n_tokens = 1
-        guard = self.model.guard
-        rc = guard.call(llama().llama_decode, self.ptr, batch) if guard else llama().llama_decode(self.ptr, batch)
-        if rc != 0:
-            raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
+        decode_batch(self.model, self.ptr, batch)
         self.n_past += 1
 
     def synchronize(self) -> None:
         """Wait for the decode llama.cpp queued (llama_decode returns before async backends finish)."""
-        guard, sync = self.model.guard, llama().llama_synchronize
-        guard.call(sync, self.ptr) if guard else sync(self.ptr)
-    def decode_verify(self, tokens: Sequence[int]):
-        """Decode tokens (at most n_batch) after what is cached, in one llama_decode, with logits
-        for every position: the verification batch of speculative decoding. Returns a numpy
-        float32 view of shape (len(tokens), n_vocab), row i the logits after tokens[i]; valid
-        until the next decode on this context."""
-        import numpy as np
+        guarded(self.model.guard, llama().llama_synchronize, self.ptr)
 
-        lib = llama()
+    def decode_verify(self, tokens: Sequence[int]) -> None:
+        """Decode tokens (at most n_batch) after what is cached, in one llama_decode, with logits
+        for every position: the verification batch of speculative decoding. Row i (output_row(i))
+        holds the logits after tokens[i], until the next decode on this context."""
         n = len(tokens)
         if not 0 < n <= self.n_batch or self.n_past + n > self.n_ctx:
             raise UsageError(f"a verification batch of {n} tokens at position {self.n_past} does not fit "
                              f"n_batch {self.n_batch} / n_ctx {self.n_ctx}")
-        batch = self._batch
-        for i, tok in enumerate(tokens):
-            batch.token[i] = tok
-            batch.pos[i] = self.n_past + i
-            batch.seq_id[i][0] = self.seq
-            batch.logits[i] = True
-        batch.n_tokens = n
-        rc = lib.llama_decode(self.ptr, batch)
-        if rc != 0:
-            raise RuntimeLoadError(f"llama_decode failed with code {rc}: {log_tail(3)}")
-        self.n_past += n
-        return np.ctypeslib.as_array(lib.llama_get_logits(self.ptr), shape=(n, self.model.n_vocab))
+        self.decode(tokens, logits="all")
 
     def logits(self, i: int = -1):
         """A numpy float32 view of the logits of output i (-1: the last one decoded)."""
         import numpy as np
 
-        guard, get = self.model.guard, llama().llama_get_logits_ith
-        ptr = guard.call(get, self.ptr, i) if guard else get(self.ptr, i)
+        ptr = guarded(self.model.guard, llama().llama_get_logits_ith, self.ptr, i)
         if not ptr:
             raise RuntimeLoadError(f"no logits for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
@@ -473,8 +469,7 @@ class Context:
         if guard is not None and guard.lost:
             pass  # an abandoned model (its RPC worker is gone): nothing to keep consistent
         elif n_keep <= 0 and not self._handle:
-            # Clearing the buffers reaches RPC workers.
-            guard.call(lib.llama_memory_clear, mem, True) if guard else lib.llama_memory_clear(mem, True)
+            guarded(guard, lib.llama_memory_clear, mem, True)  # clearing the buffers reaches RPC workers
         else:
             lib.llama_memory_seq_rm(mem, self.seq, max(0, n_keep), -1)
         self.n_past = max(0, min(self.n_past, n_keep))

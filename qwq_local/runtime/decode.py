@@ -9,13 +9,13 @@ a handful of local-variable operations, so a token costs microseconds on top of 
 from __future__ import annotations
 
 import codecs
-import functools
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 from .. import constants
+from ..backend.binding import through_guard
 from ..backend.rope import rope_params  # noqa: F401  (the rope rule; re-exported for runtime callers)
 from ..errors import UsageError
 
@@ -232,9 +232,8 @@ def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset
     token_bytes = model.token_bytes
     is_eog = lib.llama_vocab_is_eog
     vocab = model.vocab
-    sample = lib.llama_sampler_sample
-    if model.guard is not None:  # RPC: reading the logits talks to the workers (see backend/rpc.py)
-        sample = functools.partial(model.guard.call, sample)
+    # RPC: reading the logits waits for the workers, so it goes through the guard too.
+    sample = through_guard(model, lib.llama_sampler_sample)
     decode_one = ctx.decode_one
     ctx_ptr = ctx.ptr
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")

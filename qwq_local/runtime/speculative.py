@@ -21,7 +21,6 @@ proposals too: a proposal the grammar forbids is never drawn, so it is rejected.
 from __future__ import annotations
 
 import contextlib
-import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -91,9 +90,9 @@ class ModelDrafter:
         self.ctx = ctx
         # Several slots' drafters share one draft context (ctx: a sequence handle of it each):
         # their proposals must not interleave (lock), and one of them frees that context and the
-        # model (owner: the context; ctx itself when alone).
+        # model (owner: the context, given to that one drafter).
         self.lock = lock or contextlib.nullcontext()
-        self.owner = owner if lock is not None else ctx
+        self.owner = owner
         # Only ids the target knows: a draft may have more (padding) rows than the target.
         self.n_vocab = min(n_vocab, model.n_vocab)
         self.path = model.path
@@ -192,10 +191,9 @@ class TargetSampler:
     into the chain (the presence penalty and a grammar follow it), exactly as plain decoding."""
 
     def __init__(self, lib, chain, ctx) -> None:
-        self._sample = lib.llama_sampler_sample
-        guard = ctx.model.guard
-        if guard is not None:  # RPC: reading the logits talks to the workers (see backend/rpc.py)
-            self._sample = functools.partial(guard.call, self._sample)
+        from ..backend.binding import through_guard
+
+        self._sample = through_guard(ctx.model, lib.llama_sampler_sample)  # RPC: logits reads wait for workers
         self._accept = lib.llama_sampler_accept
         self._chain = chain
         self._ctx = ctx.ptr
@@ -360,9 +358,6 @@ def load_speculators(draft: str | Path, *, target, n_ctx: int, n_batch: int, thr
     except BaseException:
         model.close()
         raise
-    if n_seq == 1:
-        return [Speculator(ModelDrafter(model, ctx, n_vocab=target.n_vocab), draft_min=draft_min,
-                           draft_max=draft_max)]
     lock = threading.Lock()
     drafters = [ModelDrafter(model, ctx.sequence(i), n_vocab=target.n_vocab, lock=lock, owner=ctx if i == 0 else None)
                 for i in range(n_seq)]
