@@ -103,9 +103,7 @@ def create_app(model: Any, config: ServeConfig | None = None):
         shared = qwq.shared
         if shared is not None:
             shared.on_decode = metrics.on_decode
-        state.engine = Engine(slots, queue_size=config.queue_size, on_done=metrics.on_reply,
-                              spawn=shared.spawn if shared is not None else None,
-                              defer=shared.defer if shared is not None else None)
+        state.engine = Engine(slots, queue_size=config.queue_size, on_done=metrics.on_reply, runner=shared)
 
     def load_in_background() -> None:
         from ..runtime.model import QwQ

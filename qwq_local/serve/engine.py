@@ -56,8 +56,8 @@ class Job:
     cancel: Cancel = field(default_factory=Cancel)
     shutdown: bool = False  # cancelled because the server stops (the stream ends with an error)
     slot: int | None = None
-    # Set by the engine in spawn mode: how a wake-up of the event loop is scheduled
-    # (SharedContext.defer); None calls it at once.
+    # Set by the engine when its runner runs the job: how a wake-up of the event loop is
+    # scheduled (SharedContext.defer); None wakes it at once.
     defer: Callable[[Callable[[], None]], None] | None = None
     _items: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -78,7 +78,7 @@ class Job:
 
     def _wake(self, waiter: asyncio.Future) -> None:
         try:
-            self.loop.call_soon_threadsafe(_wake, waiter)
+            self.loop.call_soon_threadsafe(_resolve, waiter)
         except RuntimeError:  # the event loop already closed (server shutdown)
             pass
 
@@ -93,7 +93,7 @@ class Job:
             await waiter
 
 
-def _wake(waiter: asyncio.Future) -> None:
+def _resolve(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
 
@@ -117,13 +117,11 @@ class Slot:
 class Engine:
     """Slots plus a bounded FIFO queue. `submit` raises QueueFull when `queue_size` jobs wait.
 
-    spawn: None (each slot runs its jobs in a thread of its own) or a callable that runs a job
-    function elsewhere (SharedContext.spawn: on the shared context's decode thread); defer: with
-    spawn, how a job's wake-ups of the event loop are scheduled (SharedContext.defer)."""
+    runner: None (each slot runs its jobs in a thread of its own) or what runs them elsewhere, with
+    spawn(job) and defer(wake-up): the slots' backend.batched.SharedContext, on its decode thread."""
 
     def __init__(self, models: list[Any], *, queue_size: int, on_done: Callable[[Any], None] | None = None,
-                 spawn: Callable[[Callable[[], None]], None] | None = None,
-                 defer: Callable[[Callable[[], None]], None] | None = None) -> None:
+                 runner: Any = None) -> None:
         self.slots = [Slot(i, m) for i, m in enumerate(models)]
         self.queue_size = queue_size
         self._queue: collections.deque[Job] = collections.deque()
@@ -131,9 +129,8 @@ class Engine:
         self._stopping = False
         self._on_done = on_done
         self._dispatched = 0
-        self._spawn = spawn
-        self._defer = defer
-        self._threads = [] if spawn is not None else [
+        self._runner = runner
+        self._threads = [] if runner is not None else [
             threading.Thread(target=self._work, args=(s,), name=f"qwq-slot-{s.index}", daemon=True)
             for s in self.slots]
         for t in self._threads:
@@ -199,9 +196,9 @@ class Engine:
             slot.last_used = self._dispatched
             slot.job = job
             job.slot = slot.index
-            if self._spawn is not None:
-                job.defer = self._defer
-                self._spawn(functools.partial(self._run, slot, job))
+            if self._runner is not None:
+                job.defer = self._runner.defer
+                self._runner.spawn(functools.partial(self._run, slot, job))
             else:
                 slot.wake.set()
 
