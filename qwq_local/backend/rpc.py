@@ -286,7 +286,7 @@ class RpcGuard:
         self.endpoints = list(endpoints)
         self.timeout = rpc_timeout() if timeout is None else float(timeout)
         self.lost: str | None = None
-        self._seen = len(_STATE.get("aborts", []))  # aborts recorded before this guard's last call
+        self._seen = len(_STATE.get("aborts", []))  # aborts already known not to be this model's
         # One long-lived thread for every call: ggml's CPU backend keeps an OpenMP thread team
         # per calling OS thread, so a new thread per call would build a new team per decode.
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
