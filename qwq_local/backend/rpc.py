@@ -391,17 +391,6 @@ def _listening(endpoint: str, timeout: float = 2.0) -> bool:
 # The worker
 # ---------------------------------------------------------------------------------------------
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def worker_devices(names: Sequence[str] | None = None) -> list[tuple[str, int]]:
     """[(name, ggml_backend_dev_t)] a worker serves: the named ones, else the accelerators
     (GPU/IGPU), else the CPU (rpc-server's default, tools/rpc/rpc-server.cpp get_devices)."""

@@ -26,9 +26,10 @@ def worker_cmd(
     """Serve this machine's CPU/GPU to `--rpc HOST:PORT` clients (llama.cpp's RPC backend), until Ctrl-C."""
     from ..backend import rpc
     from ..errors import UsageError
+    from ..netutil import is_loopback
 
     rpc.require_rpc()
-    if not rpc.is_loopback(host):
+    if not is_loopback(host):
         if not expose:
             raise UsageError(f"--host {host} lets other machines use this one; add --expose to confirm "
                              "(the RPC protocol has no authentication)")

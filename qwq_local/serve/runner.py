@@ -6,20 +6,19 @@ is emptied, uvicorn stops accepting and lets responses finish, then the model is
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
 from typing import Any, Callable
 
 from .. import constants
 from ..errors import UsageError
+from ..netutil import is_loopback
 
 __all__ = ["serve", "check_host"]
 
 
 def check_host(host: str, *, api_key: str | None, no_api_key: bool) -> str | None:
     """Refuse a non-loopback host without a key (unless no_api_key); returns a warning to show."""
-    if _is_loopback(host):
+    if is_loopback(host):
         return None
     if api_key:
         return None
@@ -27,18 +26,6 @@ def check_host(host: str, *, api_key: str | None, no_api_key: bool) -> str | Non
         raise UsageError(f"--host {host} exposes the server beyond this machine: give --api-key KEY (or set "
                          f"{constants.ENV_API_KEY}), or pass --no-api-key to serve without one")
     return f"serving on {host} without an API key: anyone who can reach this port can use the model"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-        except (OSError, ValueError):
-            return False
 
 
 def serve(model: Any, *, host: str = constants.SERVE_DEFAULT_HOST, port: int = constants.SERVE_DEFAULT_PORT,
