@@ -274,7 +274,8 @@ SERVE_QUEUE_SIZE = 16
 MAX_PARALLEL = 64
 # A request goes to the slot whose cached tokens share the longest prefix with its prompt when
 # that prefix is at least this share of the prompt (llama-server's --slot-prompt-similarity
-# default, 0.5); otherwise to the least recently used free slot.
+# default, 0.5); otherwise to the free slot that keeps the busy ones most contiguous, then the
+# least recently used (serve/engine.py Engine._pick).
 SERVE_SLOT_SIMILARITY = 0.5
 MIN_CTX_PER_SEQ = 64
 # Request body limit: far above any prompt that fits 131072 tokens.

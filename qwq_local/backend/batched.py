@@ -69,9 +69,11 @@ class SharedContext:
     """One llama.cpp context with n_seq sequences; `view(i)` is sequence i's Context look-alike.
 
     n_ctx is the whole KV cache; each sequence holds n_ctx // n_seq positions. on_decode(n_tokens,
-    n_seqs) is called after every llama_decode (a hook for metrics and tests)."""
+    seqs) is called after every llama_decode with the sequence ids in batch order (a hook for
+    metrics and tests)."""
 
-    def __init__(self, model: Model, *, n_ctx: int, n_seq: int, on_decode: Callable[[int, int], None] | None = None,
+    def __init__(self, model: Model, *, n_ctx: int, n_seq: int,
+                 on_decode: Callable[[int, tuple[int, ...]], None] | None = None,
                  **params) -> None:
         if n_seq < 1:
             raise UsageError(f"the number of sequences must be >= 1, not {n_seq}")
@@ -227,17 +229,26 @@ class SharedContext:
         """Decode batches (lock held on entry and exit, released during llama_decode) while every
         member still waits: a long prompt may need several."""
         while self._all_waiting():
-            subs = sorted(self._pending.values(), key=lambda s: len(s.tokens) - s.done_n)  # generated tokens first
-            batch = self.ctx._batch
+            # What goes in: generated tokens first, then prompts as far as n_batch allows.
+            takes: dict[int, tuple[_Submission, int]] = {}
             n = 0
-            placed: list[tuple[_Submission, list[int], int]] = []  # (submission, its rows with logits, count)
-            for sub in subs:
+            for sub in sorted(self._pending.values(), key=lambda s: len(s.tokens) - s.done_n):
                 room = self.n_batch - n
                 if room <= 0:
                     break
                 take = min(room, len(sub.tokens) - sub.done_n)
                 if sub.logits == "all" and take < len(sub.tokens) - sub.done_n and n > 0:
                     continue  # a verification batch stays whole (its rows are read together): next batch
+                takes[sub.seq] = (sub, take)
+                n += take
+            # Laid out by ascending sequence id: with one KV stream per sequence (kv_unified off)
+            # llama.cpp cuts a batch into ubatches of consecutive, increasing sequence ids
+            # (llama_batch_allocr::split_equal, sequential): a batch ordered 1,0 would take two.
+            batch = self.ctx._batch
+            n = 0
+            placed: list[tuple[_Submission, list[int], int]] = []  # (submission, its rows with logits, count)
+            for seq in sorted(takes):
+                sub, take = takes[seq]
                 rows = []
                 for j in range(take):
                     k = sub.done_n + j
@@ -274,7 +285,7 @@ class SharedContext:
                     if sub.owner is not None:
                         self._ready.append(sub.owner)
             if self.on_decode is not None and error is None:
-                self.on_decode(n, len(placed))
+                self.on_decode(n, tuple(sub.seq for sub, _, _ in placed))
             self._cond.notify_all()
             if error is not None:
                 return

@@ -93,6 +93,11 @@ class Job:
             await waiter
 
 
+def _runs(indices: set[int]) -> int:
+    """How many runs of consecutive integers `indices` makes ({0, 1, 3}: 2)."""
+    return sum(1 for i in indices if i - 1 not in indices)
+
+
 def _resolve(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -202,16 +207,19 @@ class Engine:
             else:
                 slot.wake.set()
 
-    @staticmethod
-    def _pick(free: list[Slot], tokens: list[int]) -> Slot:
+    def _pick(self, free: list[Slot], tokens: list[int]) -> Slot:
         """The free slot sharing the longest prefix with `tokens` when that prefix covers at least
-        SERVE_SLOT_SIMILARITY of them (a continued conversation); otherwise the least recently
-        used one, so that a new conversation does not evict another's KV prefix over a shared
-        template header (llama-server's slot_prompt_similarity, then LRU)."""
+        SERVE_SLOT_SIMILARITY of them (a continued conversation; llama-server's
+        slot_prompt_similarity). Otherwise the one that leaves the busy slots in the fewest runs of
+        consecutive indices, then the least recently used: each KV stream is one sequence, and
+        llama.cpp decodes each such run as a ubatch of its own (llama_batch_allocr::split_equal),
+        so busy slots 0,1,3 cost two weight passes per step where 0,1,2 cost one; among equals,
+        LRU keeps another conversation's history rather than evicting it over a shared header."""
         best = max(free, key=lambda s: common_prefix(s.cached, tokens))
         if common_prefix(best.cached, tokens) >= constants.SERVE_SLOT_SIMILARITY * len(tokens):
             return best
-        return min(free, key=lambda s: s.last_used)
+        busy = {s.index for s in self.slots if s.busy}
+        return min(free, key=lambda s: (_runs(busy | {s.index}), s.last_used))
 
     def _work(self, slot: Slot) -> None:
         while True:

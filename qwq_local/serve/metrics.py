@@ -48,10 +48,10 @@ class Metrics:
         if reply.timings.get("gen_tps"):
             self.tokens_per_second.set(reply.timings["gen_tps"])
 
-    def on_decode(self, n_tokens: int, n_sequences: int) -> None:
+    def on_decode(self, n_tokens: int, seqs: tuple[int, ...]) -> None:
         """backend.batched.SharedContext's hook, called after every llama_decode."""
         self.decode_calls.inc()
-        self.decode_sequences.inc(n_sequences)
+        self.decode_sequences.inc(len(seqs))
         self.decode_tokens.inc(n_tokens)
 
     def render(self) -> tuple[bytes, str]:

@@ -587,7 +587,7 @@ def test_jobs_spawned_on_the_decode_thread_share_its_batches(tiny_gguf):
         seqs, bias = m.sequences(), m.eog_bias()
         alone = [seqs[0].chat(p, max_tokens=12, temperature=0, logit_bias=bias).tokens for p in prompts]
         steps: list[tuple[int, int]] = []
-        m.shared.on_decode = lambda n_tokens, n_seqs: steps.append((n_tokens, n_seqs))
+        m.shared.on_decode = lambda n_tokens, seqs: steps.append((n_tokens, len(seqs)))
         threads: set[str] = set()
         replies: dict[int, list[int]] = {}
         done = threading.Semaphore(0)
@@ -608,6 +608,34 @@ def test_jobs_spawned_on_the_decode_thread_share_its_batches(tiny_gguf):
         # Once all three generate, every decode carries one token of each (the prompts ride
         # along in the first steps).
         assert sum(1 for n_tokens, n_seqs in steps if n_tokens == 3 and n_seqs == 3) >= 10
+
+
+def test_a_batch_lists_its_sequences_in_ascending_order(tiny_gguf):
+    """With one KV stream per sequence llama.cpp cuts a batch into ubatches of consecutive,
+    increasing sequence ids (llama_batch_allocr::split_equal): sequences 2,1,0 in that order
+    would cost three decodes. Jobs started in reverse order still share ascending batches."""
+    import threading
+
+    from qwq_local import QwQ
+
+    with QwQ.load(tiny_gguf, n_ctx=1536, threads=1, parallel=3) as m:
+        seqs, bias = m.sequences(), m.eog_bias()
+        batches: list[tuple[int, ...]] = []
+        m.shared.on_decode = lambda n_tokens, order: batches.append(order)
+        done = threading.Semaphore(0)
+
+        def job(i: int) -> None:
+            try:
+                seqs[i].chat([{"role": "user", "content": "hello"}], max_tokens=6, temperature=0, logit_bias=bias)
+            finally:
+                done.release()
+
+        for i in (2, 1, 0):
+            m.shared.spawn(lambda i=i: job(i))
+        for _ in range(3):
+            assert done.acquire(timeout=60)
+        assert (0, 1, 2) in batches
+        assert all(list(order) == sorted(order) for order in batches), batches
 
 
 def test_closing_the_shared_context_unwinds_spawned_jobs(tiny_gguf):

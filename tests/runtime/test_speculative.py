@@ -449,7 +449,7 @@ def test_each_slot_speculates_in_the_shared_batch_and_equals_plain(sharp_gguf, s
         seqs = m.sequences()
         assert len({id(s.speculator) for s in seqs}) == 3  # a drafter and its statistics per slot
         steps: list[tuple[int, int]] = []
-        m.shared.on_decode = lambda n_tokens, n_seqs: steps.append((n_tokens, n_seqs))
+        m.shared.on_decode = lambda n_tokens, seqs: steps.append((n_tokens, len(seqs)))
         replies: dict[int, object] = {}
         done = threading.Semaphore(0)
 

@@ -204,3 +204,40 @@ def test_a_lost_rpc_worker_is_503_backend_unavailable_and_the_server_lives(tiny_
         srv.stop()
         if worker.poll() is None:
             worker.kill()
+
+
+def test_a_new_conversation_goes_where_the_busy_slots_stay_contiguous(tiny_gguf):
+    """With one KV stream per slot, llama.cpp decodes each run of consecutive busy slots as a
+    ubatch of its own: a request without a cached prefix goes to the free slot that keeps the
+    busy ones in the fewest runs, even when least-recently-used order says another."""
+    import asyncio
+
+    from qwq_local import QwQ
+    from qwq_local.serve.engine import Engine, Job
+
+    loop = asyncio.new_event_loop()
+    with QwQ.load(tiny_gguf, n_ctx=1024, threads=1, parallel=4) as m:
+        engine = Engine(m.sequences(), queue_size=4)
+        release = {i: threading.Event() for i in range(5)}
+
+        def job(i: int) -> Job:
+            def run(model, cancel):
+                release[i].wait(30)
+                return iter(())
+            return Job(run=run, tokens=[100 + i] * 8, loop=loop)  # no shared prefix between jobs
+
+        jobs = [job(i) for i in range(5)]
+        try:
+            for j in jobs[:4]:
+                engine.submit(j)
+            assert [j.slot for j in jobs[:4]] == [0, 1, 2, 3]
+            release[0].set()  # slot 0 (least recently used) and slot 2 come free
+            release[2].set()
+            assert wait_for(lambda: engine.slots_busy() == 2)
+            engine.submit(jobs[4])
+            assert jobs[4].slot == 2  # busy 1,2,3: one run; slot 0 would make two
+        finally:
+            for event in release.values():
+                event.set()
+            engine.close()
+    loop.close()
