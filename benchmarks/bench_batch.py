@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_runtime import SHAPE_HELP, SHAPES  # noqa: E402
+
 
 def decode_costs(path: Path, threads: int) -> dict[int, float]:
     from qwq_local.backend import binding as backend
@@ -90,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a GGUF (default: bench_runtime.py's random 1024x8 Q4_K_M)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shape", default="1024x8", choices=SHAPES, help=SHAPE_HELP)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per generation")
     parser.add_argument("--workdir", type=Path, default=None, help="where the default model is built")
     args = parser.parse_args()
@@ -101,7 +104,7 @@ def main() -> None:
 
         workdir = args.workdir or constants.cache_dir() / "bench"
         workdir.mkdir(parents=True, exist_ok=True)
-        path = build_model(workdir)
+        path = build_model(workdir, args.shape)
     costs = decode_costs(path, args.threads)
     for k, t in costs.items():
         print(f"llama_decode, {k} sequence(s) x 1 token: {t * 1000:6.2f} ms  ({t / costs[1]:.2f}x one; "

@@ -32,20 +32,29 @@ from qwq_local.runtime.decode import Sampling, build_sampler  # noqa: E402
 
 SPEC = {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
         "intermediate_size": 2816, "num_shards": 1}
+# Random models by name. "0.5b" has Qwen2.5-0.5B's layer shapes (hidden 896, 24 layers, 14/2
+# heads, MLP 4864; ~360M parameters outside the embeddings), the size of the issue's llama-server
+# reference figures, with the tiny tokenizer's small vocabulary.
+SHAPES = {"1024x8": SPEC,
+          "0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                   "intermediate_size": 4864, "num_shards": 1}}
+SHAPE_HELP = "the random model built when --model is not given (default 1024x8; 0.5b: Qwen2.5-0.5B's layer shapes)"
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
-def build_model(workdir: Path) -> Path:
+def build_model(workdir: Path, shape: str = "1024x8") -> Path:
+    """The random QwQ-shaped Q4_K_M model `shape` (a SHAPES key), built once in workdir."""
     from qwq_local.convert.pipeline import convert
     from qwq_local.quantize.quantizer import quantize
     from qwq_local.synthetic.factory import make_tiny_checkpoint
 
-    out = workdir / "bench-1024x8-Q4_K_M.gguf"
+    out = workdir / f"bench-{shape}-Q4_K_M.gguf"
     if out.exists():
         return out
-    ckpt = make_tiny_checkpoint(workdir / "bench-ckpt", **SPEC)
-    bf16 = convert(ckpt, workdir / "bench-1024x8-bf16.gguf")
+    ckpt = make_tiny_checkpoint(workdir / f"bench-{shape}-ckpt", **SHAPES[shape])
+    bf16 = convert(ckpt, workdir / f"bench-{shape}-bf16.gguf")
     quantize(bf16, out, qtype="Q4_K_M")
+    bf16.unlink()  # only the Q4_K_M is used
     return out
 
 

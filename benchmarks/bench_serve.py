@@ -1,14 +1,14 @@
-"""Serving speed of `qwq-local serve` through HTTP/SSE with the official openai client.
+"""Serving speed of `qwq-local serve` through HTTP/SSE, against `qwq-local bench` and llama-server.
 
-    .venv/bin/python benchmarks/bench_serve.py [--model FILE.gguf] [--tokens 128] [--threads 2]
-                                               [--streams 1,2,4,8] [--prompt-tokens 1024]
+    .venv/bin/python benchmarks/bench_serve.py [--model FILE.gguf | --shape 1024x8|0.5b] [--tokens 128]
+                                               [--threads 2] [--streams 1,2,4,8] [--prompt-tokens 1024]
                                                [--parallel N] [--rounds 3] [--draft ngram|FILE]
-                                               [--llama-server PATH] [--json]
+                                               [--client raw|openai] [--llama-server PATH] [--json]
 
-Without --model it uses bench_runtime.py's QwQ-shaped random Q4_K_M model (hidden 1024, 8
-layers, built once in --workdir). Reported, as medians over --rounds rounds that interleave
-every measurement (this machine's speed drifts by tens of percent within minutes, so figures
-taken minutes apart do not compare):
+Without --model it uses bench_runtime.py's QwQ-shaped random Q4_K_M model of --shape (1024x8:
+hidden 1024, 8 layers; 0.5b: Qwen2.5-0.5B's layer shapes; built once in --workdir). Reported, as
+medians over --rounds rounds that interleave every measurement (this machine's speed drifts by
+tens of percent within minutes, so figures taken minutes apart do not compare):
 - one stream's tokens/s through HTTP/SSE against `QwQ.bench` tg (what `qwq-local bench` prints)
   on the same model and threads, measured right before it in the same round (goal >= 0.97);
 - aggregate tokens/s at 1, 2, 4, 8 concurrent streams (each stream `--tokens` tokens, end
@@ -19,8 +19,10 @@ taken minutes apart do not compare):
 - with --llama-server PATH: the same against llama.cpp's llama-server `-np N` on the same GGUF,
   up at the same time and measured in turn with qwq-local in every round (ratio qwq-local /
   llama-server per round, median; goal >= 1.0).
-The client runs on the same machine and costs CPU too (the openai package parses every chunk);
-both servers pay it alike.
+The client runs on the same machine as the server and takes CPU from it. --client raw (default)
+reads the SSE lines with requests and parses each chunk with json.loads (about 0.1 ms of CPU per
+chunk here); --client openai is the official client, which builds a pydantic object per chunk
+(about 0.8 ms). Both servers are driven by the same client.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qwq_local import constants  # noqa: E402
+from bench_runtime import SHAPE_HELP, SHAPES  # noqa: E402
 
 SYSTEM = "You are a helpful assistant. " * 4
 USER = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -88,18 +91,15 @@ def one_stream(client, *, tokens: int, bias: dict, messages=USER) -> dict:
     t0 = time.perf_counter()
     first = last = None
     usage = None
-    stream = client.chat.completions.create(model="bench", messages=messages, stream=True, max_tokens=tokens,
-                                            logit_bias=bias, stream_options={"include_usage": True},
-                                            temperature=0.6, seed=1)
-    for chunk in stream:
-        if not chunk.choices:
-            usage = chunk.usage
+    for chunk in client.stream(messages=messages, max_tokens=tokens, logit_bias=bias):
+        if not chunk["choices"]:
+            usage = chunk["usage"]
             continue
-        d = chunk.choices[0].delta
-        if getattr(d, "reasoning_content", None) or d.content:
+        d = chunk["choices"][0]["delta"]
+        if d.get("reasoning_content") or d.get("content"):
             last = time.perf_counter()
             first = first or last
-    n = usage.completion_tokens if usage else tokens
+    n = usage["completion_tokens"] if usage else tokens
     return {"ttft_s": (first or t0) - t0, "tokens": n,
             "tps": (n - 1) / (last - first) if last and first and last > first else 0.0, "wall_s": time.perf_counter() - t0}
 
@@ -120,10 +120,50 @@ def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def client_for(url: str):
-    from openai import OpenAI
+class OpenAIClient:
+    """The official openai client: a pydantic object per chunk (about 0.8 ms of CPU per chunk here)."""
 
-    return OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+    def __init__(self, url: str) -> None:
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+
+    def stream(self, **body):
+        for chunk in self.client.chat.completions.create(model="bench", stream=True, stream_options={"include_usage": True},
+                                                         temperature=0.6, seed=1, **body):
+            if not chunk.choices:
+                yield {"choices": [], "usage": {"completion_tokens": chunk.usage.completion_tokens}}
+                continue
+            d = chunk.choices[0].delta  # only what one_stream reads: no model_dump() per chunk
+            yield {"choices": [{"delta": {"content": d.content,
+                                          "reasoning_content": getattr(d, "reasoning_content", None)}}]}
+
+
+class RawClient:
+    """requests and json.loads per `data:` line: the least a client does, so that the figures
+    are the server's rather than the client's (both share this machine's cores)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url + "/v1/chat/completions"
+
+    def stream(self, **body):
+        import requests
+
+        body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True},
+                "temperature": 0.6, "seed": 1, **body}
+        # A connection per request: a pooled one may have been closed by the server's keep-alive
+        # timeout (5 s in uvicorn and llama-server) just as it is reused, and a POST is not retried.
+        with requests.post(self.url, json=body, stream=True, timeout=600,
+                           headers={"Authorization": "Bearer bench", "Connection": "close"}) as response:
+            response.raise_for_status()
+            # chunk_size=None: each piece as it arrives, so that timestamps are the server's.
+            for line in response.iter_lines(chunk_size=None):
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    yield json.loads(line[6:])
+
+
+def client_for(url: str, kind: str):
+    return (RawClient if kind == "raw" else OpenAIClient)(url)
 
 
 def ttft(client, *, prompt_tokens: int, bias: dict) -> dict:
@@ -164,6 +204,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=constants.cache_dir() / "bench")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shape", default="1024x8", choices=SHAPES, help=SHAPE_HELP)
     parser.add_argument("--streams", default="1,2,4,8")
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--parallel", type=int, default=None,
@@ -171,6 +212,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--draft", help="speculative decoding in qwq-local serve: ngram or a draft GGUF")
     parser.add_argument("--llama-server", help="path to llama.cpp's llama-server, to compare against")
+    parser.add_argument("--client", choices=("raw", "openai"), default="raw",
+                        help="raw: requests + json.loads per chunk (default); openai: the official client")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from bench_runtime import build_model
@@ -178,7 +221,7 @@ def main() -> int:
     from qwq_local import QwQ
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = args.model or build_model(args.workdir)
+    model = args.model or build_model(args.workdir, args.shape)
     streams = [int(s) for s in args.streams.split(",") if s]
     ctx = max(2048, args.prompt_tokens + args.tokens + 256)
     parallel = args.parallel or max(streams)
@@ -186,12 +229,12 @@ def main() -> int:
     try:
         proc, url = start_qwq(model, ctx=ctx, threads=args.threads, parallel=parallel, draft=args.draft)
         procs.append(proc)
-        clients["qwq_local"] = client_for(url)
+        clients["qwq_local"] = client_for(url, args.client)
         if args.llama_server:
             path = shutil.which(args.llama_server) or args.llama_server
             proc, url = start_llama_server(path, model, ctx=ctx, threads=args.threads, parallel=parallel)
             procs.append(proc)
-            clients["llama_server"] = client_for(url)
+            clients["llama_server"] = client_for(url, args.client)
         with QwQ.load(model, n_ctx=ctx, threads=args.threads) as m:
             bias = {str(t): -100 for t in m.eog_bias()}
             note(f"{args.rounds} rounds on {model.name} ...")
@@ -201,7 +244,7 @@ def main() -> int:
         for proc in procs:
             proc.terminate()
             proc.wait(30)
-    result = {"model": str(model), "threads": args.threads, "tokens": args.tokens, "parallel": parallel,
+    result = {"model": str(model), "client": args.client, "threads": args.threads, "tokens": args.tokens, "parallel": parallel,
               "rounds": args.rounds, "bench_tg_tps": median(rows["tg"]), "per_round": rows,
               "single_vs_bench_tg": median([a / b for a, b in zip(rows["qwq_local"]["single"], rows["tg"])])}
     for name in clients:
@@ -217,7 +260,7 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"model {model.name}, {args.threads} threads, {args.tokens} tokens per stream, --parallel {parallel}, "
-          f"medians of {args.rounds} interleaved rounds")
+          f"{args.client} client, medians of {args.rounds} interleaved rounds")
     print(f"qwq-local bench tg:        {result['bench_tg_tps']:8.1f} tok/s")
     theirs = result.get("llama_server")
     extra = f"; llama-server {theirs['single_tps']:.1f} ({theirs['single_vs_bench_tg']:.3f})" if theirs else ""
