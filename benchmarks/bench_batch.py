@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """What batching several sequences costs in llama.cpp, and what the slot engine makes of it.
 
-    .venv/bin/python benchmarks/bench_batch.py [--model FILE.gguf] [--threads 2] [--tokens 128]
+    .venv/bin/python benchmarks/bench_batch.py [--model FILE.gguf | --shape 1024x8|0.5b] [--threads 2] [--tokens 128]
 
 Without --model it uses bench_runtime.py's QwQ-shaped random Q4_K_M model (built once). Prints:
-- llama_decode time for a batch of 1, 2 and 4 tokens of different sequences (median of 40, one
-  context with 4 sequences): the ceiling of continuous batching on this machine (k tokens in
-  the time of one decode gives at most k / (batch time / one-token time) times the throughput);
+- llama_decode time for a batch of 1, 2 and 4 tokens of different sequences (median of 40,
+  interleaved, one context with 8 sequences): the ceiling of continuous batching on this machine
+  (k tokens in the time of one decode gives at most k / (batch time / one-token time) times the
+  throughput); and the same 4 tokens with their sequences out of order (1,0,3,2) or with a hole
+  (0,1,3,4), which llama.cpp decodes as several ubatches;
 - aggregate tokens/s of 1, 2 and 4 concurrent generations through `QwQ.load(parallel=4)`, run
   as the server runs them (jobs on the shared context's decode thread) without HTTP, end tokens
   banned, temperature 0.
@@ -26,36 +28,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import SHAPE_HELP, SHAPES  # noqa: E402
 
 
-def decode_costs(path: Path, threads: int) -> dict[int, float]:
+# The sequence ids of each measured batch. With one KV stream per sequence llama.cpp cuts a batch
+# into ubatches of consecutive, increasing ids (llama_batch_allocr::split_equal): the last two
+# show what a batch out of order, or with a hole, costs.
+LAYOUTS = {"1": [0], "2": [0, 1], "4": [0, 1, 2, 3], "4 as 1,0,3,2": [1, 0, 3, 2], "4 as 0,1,3,4": [0, 1, 3, 4]}
+
+
+def decode_costs(path: Path, threads: int) -> dict[str, float]:
+    """Median llama_decode time of each LAYOUTS batch, one token per sequence, interleaved."""
     from qwq_local.backend import binding as backend
     from qwq_local.backend.batched import SharedContext
 
     model = backend.Model.load(path)
-    shared = SharedContext(model, n_ctx=4096, n_seq=4, n_threads=threads)
+    shared = SharedContext(model, n_ctx=8 * 512, n_seq=8, n_threads=threads)
     lib, ctx = backend.llama(), shared.ctx
     batch, memory = ctx._batch, lib.llama_get_memory(ctx.ptr)
-    for seq in range(4):  # a 64-token prompt in each sequence
+    for seq in range(5):  # a 64-token prompt in each sequence used
         for j in range(64):
             batch.token[j], batch.pos[j], batch.seq_id[j][0], batch.logits[j] = 100 + j, j, seq, j == 63
         batch.n_tokens = 64
         lib.llama_decode(ctx.ptr, batch)
-    costs = {}
-    for k in (1, 2, 4):
-        times = []
-        for step in range(40):
-            for i in range(k):
-                batch.token[i], batch.pos[i], batch.seq_id[i][0], batch.logits[i] = 200 + step, 64 + step, i, True
-            batch.n_tokens = k
+    times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    for step in range(40):
+        for name, seqs in LAYOUTS.items():
+            for i, seq in enumerate(seqs):
+                batch.token[i], batch.pos[i], batch.seq_id[i][0], batch.logits[i] = 200 + step, 64, seq, True
+            batch.n_tokens = len(seqs)
             t = time.perf_counter()
-            lib.llama_decode(ctx.ptr, batch)
+            if lib.llama_decode(ctx.ptr, batch) != 0:
+                raise SystemExit(f"llama_decode failed: {backend.log_tail(3)}")
             lib.llama_synchronize(ctx.ptr)
-            times.append(time.perf_counter() - t)
-        costs[k] = sorted(times)[len(times) // 2]
-        for seq in range(k):
-            lib.llama_memory_seq_rm(memory, seq, 64, -1)
+            times[name].append(time.perf_counter() - t)
+            for seq in seqs:
+                lib.llama_memory_seq_rm(memory, seq, 64, -1)
     shared.close()
     model.close()
-    return costs
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def engine_rates(path: Path, threads: int, tokens: int) -> dict[int, float]:
@@ -106,9 +114,10 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         path = build_model(workdir, args.shape)
     costs = decode_costs(path, args.threads)
-    for k, t in costs.items():
-        print(f"llama_decode, {k} sequence(s) x 1 token: {t * 1000:6.2f} ms  ({t / costs[1]:.2f}x one; "
-              f"batching ceiling {k * costs[1] / t:.2f}x throughput)")
+    for name, t in costs.items():
+        k = len(LAYOUTS[name])
+        print(f"llama_decode, {name} sequence(s) x 1 token: {t * 1000:6.2f} ms  ({t / costs['1']:.2f}x one; "
+              f"batching ceiling {k * costs['1'] / t:.2f}x throughput)")
     rates = engine_rates(path, args.threads, args.tokens)
     for k, r in rates.items():
         print(f"slot engine, {k} concurrent: {r:7.1f} tok/s ({r / rates[1]:.2f}x one)")
