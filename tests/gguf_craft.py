@@ -42,15 +42,19 @@ def write_tiny_qwen2(path: Path, *, tokens: list[str] | None = None, template: s
                      drop: tuple[str, ...] = (), reshape: dict | None = None, n_embd: int = 64,
                      n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128, n_layer: int = 1,
                      extra: dict | None = None, embedding_rows: int | None = None,
-                     qtype: str | None = None, seed: int = 0, output_scale: float = 1.0) -> Path:
+                     qtype: str | None = None, seed: int = 0, output_scale: float = 1.0,
+                     token_types: dict[str, int] | None = None) -> Path:
     """A loadable qwen2 GGUF of about 1 MB (f32 weights). `drop` leaves tensors out and
     `reshape` gives tensors other shapes (numpy order), to make files llama.cpp rejects.
-    output_scale multiplies the output matrix: sharper logits, wider top-1/top-2 margins."""
+    output_scale multiplies the output matrix: sharper logits, wider top-1/top-2 margins.
+    token_types: {token text: GGUF token type} overrides (3 CONTROL, 4 USER_DEFINED)."""
     import gguf
 
     vocab, types, merges = tiny_vocab()
     tokens = vocab if tokens is None else tokens
     types = (types + [1] * len(tokens))[:len(tokens)]
+    for text, kind in (token_types or {}).items():
+        types[tokens.index(text)] = kind
     n_vocab = len(tokens) if embedding_rows is None else embedding_rows
     rng = np.random.default_rng(seed)
     reshape = reshape or {}

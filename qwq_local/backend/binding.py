@@ -29,6 +29,8 @@ from .library import (  # noqa: F401  (part of the binding's API: backend.llama(
 )
 
 _STATE: dict[str, Any] = {}  # this process's extra-buffer verdict
+_SHOWN_TAGS = frozenset({constants.THINK_OPEN, constants.THINK_CLOSE, constants.TOOL_CALL_OPEN,
+                         constants.TOOL_CALL_CLOSE})
 
 
 def guarded(guard, fn: Any, *args: Any) -> Any:
@@ -182,6 +184,7 @@ class Model:
         self.n_embd = lib.llama_model_n_embd(ptr)
         self.n_layer = lib.llama_model_n_layer(ptr)
         self._piece_cache: dict[int, bytes] = {}
+        self._output_cache: dict[int, bytes] = {}  # see output_bytes
         # Set by load(guard=...) for models on RPC workers: every call that may talk to a worker
         # goes through guard.call (backend/rpc.py), and a lost model is never freed.
         self.guard = None
@@ -296,8 +299,26 @@ class Model:
             self._piece_cache[key] = piece
         return piece
 
+    def output_bytes(self, token: int) -> bytes:
+        """The bytes a generated token shows (cached): its text, except that llama.cpp CONTROL
+        tokens (`<|image_pad|>`, `<|fim_prefix|>`, ...: QwQ's added tokens marked special) show
+        nothing, as in llama-server (token_to_piece with special=false) and vLLM
+        (skip_special_tokens). QwQ's tags (`<think>`, `</tool_call>`, ...) always show, even in a
+        GGUF that marks them CONTROL: the thought splitter and the tool-call parser read them."""
+        piece = self._output_cache.get(token)
+        if piece is None:
+            lib = llama()
+            piece = self.token_bytes(token)
+            if lib.llama_vocab_get_attr(self.vocab, token) & lib.LLAMA_TOKEN_ATTR_CONTROL \
+                    and piece.decode("utf-8", errors="replace") not in _SHOWN_TAGS:
+                piece = b""
+            self._output_cache[token] = piece
+        return piece
+
     def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
-        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", errors="replace")
+        """The text of `tokens`; special=False: as generation shows it (output_bytes)."""
+        piece = self.token_bytes if special else self.output_bytes
+        return b"".join(piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
         return bool(llama().llama_vocab_is_eog(self.vocab, token))

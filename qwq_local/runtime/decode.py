@@ -228,8 +228,8 @@ def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset
     goes into the KV cache, so a follow-up turn can reuse it.
     """
     model = ctx.model
-    pieces = model._piece_cache
-    token_bytes = model.token_bytes
+    pieces = model._output_cache  # what a generated token shows (Model.output_bytes)
+    token_bytes = model.output_bytes
     is_eog = lib.llama_vocab_is_eog
     vocab = model.vocab
     # RPC: reading the logits waits for the workers, so it goes through the guard too.

@@ -269,8 +269,10 @@ class QwQ:
                                           add_generation_prompt=add_generation_prompt, template=self.template)
         return text, self._encoder.encode(text, protected=spans)
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._model.detokenize(tokens)
+    def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
+        """The text of `tokens`. special=False gives what generation shows: llama.cpp CONTROL
+        tokens other than QwQ's tags show nothing (backend.binding.Model.output_bytes)."""
+        return self._model.detokenize(tokens, special=special)
 
     @property
     def n_vocab(self) -> int:

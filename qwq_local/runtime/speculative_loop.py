@@ -34,8 +34,8 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
     one or more tokens).
     """
     model = ctx.model
-    pieces = model._piece_cache
-    token_bytes = model.token_bytes
+    pieces = model._output_cache  # what a generated token shows (Model.output_bytes)
+    token_bytes = model.output_bytes
     is_eog = lib.llama_vocab_is_eog
     vocab = model.vocab
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")

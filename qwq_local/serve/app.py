@@ -236,7 +236,7 @@ def create_app(model: Any, config: ServeConfig | None = None):
                                                handlers.stream_completion, "cmpl")
         if body.stream:
             return reply
-        text = qwq.detokenize(reply.tokens)
+        text = qwq.detokenize(reply.tokens, special=False)  # as the stream shows it
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
                 "choices": [{"index": 0, "text": (body.prompt if body.echo else "") + text, "logprobs": None,
                              "finish_reason": handlers.finish_reason(reply)}],

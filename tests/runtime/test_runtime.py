@@ -188,6 +188,29 @@ def test_think_close_as_one_token_and_leading_whitespace_stripped(model):
     assert reply.thinking == "x" and reply.content == "hi"
 
 
+def test_control_tokens_show_no_text(model):
+    """A generated CONTROL token (`<|image_pad|>`, marked special among QwQ's added tokens) shows
+    no text, as in llama-server (token_to_piece, special=false) and vLLM (skip_special_tokens);
+    the tokens themselves stay in the reply and the KV cache."""
+    pad = tok1(model, "<|image_pad|>")
+    reply = model.chat(USER, max_tokens=3, logit_bias={pad: 100.0})
+    assert reply.tokens == [pad] * 3 and reply.thinking == "" and reply.content == ""
+    assert model.detokenize(reply.tokens) == "<|image_pad|>" * 3
+    assert model.detokenize(reply.tokens, special=False) == ""
+
+
+def test_qwq_tags_show_even_where_a_gguf_marks_them_control(tmp_path):
+    from gguf_craft import write_tiny_qwen2
+    from qwq_local import QwQ
+
+    tags = [constants.THINK_OPEN, constants.THINK_CLOSE, constants.TOOL_CALL_OPEN, constants.TOOL_CALL_CLOSE]
+    path = write_tiny_qwen2(tmp_path / "control-tags.gguf", token_types={t: 3 for t in tags})
+    with QwQ.load(path, n_ctx=256, threads=1) as m:
+        ids = [tok1(m, t) for t in tags]
+        assert m.detokenize(ids, special=False) == "".join(tags)
+        assert m.detokenize([tok1(m, "<|im_start|>")], special=False) == ""
+
+
 def test_multibyte_characters_split_across_tokens(model):
     reply = model.chat(USER, grammar='root ::= "é中🙂</think>ü"')
     assert any(len(model._model.token_bytes(t)) == 1 and model._model.token_bytes(t)[0] >= 0x80 for t in reply.tokens)

@@ -193,6 +193,22 @@ def test_completions_stream(client, no_end):
     assert pieces[-1].choices[0].finish_reason == "length"
 
 
+def test_control_tokens_show_no_text_streamed_or_not(client, tiny_gguf):
+    from qwq_local import QwQ
+
+    with QwQ.load(tiny_gguf, n_ctx=256, threads=1) as m:
+        pad = m.tokenize("<|image_pad|>")
+    bias = {str(pad[0]): 100}
+    whole = client.completions.create(model="tiny", prompt="Once", max_tokens=3, logit_bias=bias)
+    assert whole.usage.completion_tokens == 3 and whole.choices[0].text == ""
+    streamed = list(client.completions.create(model="tiny", prompt="Once", max_tokens=3, logit_bias=bias,
+                                              stream=True))
+    assert "".join(p.choices[0].text for p in streamed) == ""
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          logit_bias=bias)
+    assert chat.choices[0].message.content == "" and not chat.choices[0].message.reasoning_content
+
+
 def test_cors_is_off_by_default(server):
     r = requests.options(server.url + "/v1/chat/completions", headers={
         "Origin": "http://example.test", "Access-Control-Request-Method": "POST"})
