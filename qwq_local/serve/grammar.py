@@ -3,7 +3,8 @@
 
 The JSON parts come from llama.cpp's own JSON-schema-to-GBNF converter (llama-cpp-python ships
 it ported to Python as `llama_cpp.llama_grammar.SchemaConverter`, the same code as llama.cpp's
-examples/json_schema_to_grammar.py). The thought runs free: when the prompt ends inside
+examples/json_schema_to_grammar.py), with the string-character rule of llama.cpp's C++ converter,
+which keeps raw control characters out of strings. The thought runs free: when the prompt ends inside
 `<think>`, the grammar is lazy and starts at the `</think>` token (llama.cpp's lazy grammar with
 a trigger token), so it covers exactly `</think>`, the blank line after it, and the answer.
 """
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..constants import THINK_CLOSE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+_PORT_CHAR = r'char ::= [^"\\] |'
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
 
 __all__ = ["AnswerGrammar", "answer_grammar", "json_rules", "tool_call_rules", "tool_call_schema"]
 
@@ -38,9 +42,13 @@ def json_rules(schema: Any, name: str) -> str:
     try:
         schema = converter.resolve_refs(schema, "request")
         converter.visit(schema, name)
-        return converter.format_grammar().rstrip("\n") + "\n"
+        gbnf = converter.format_grammar()
     except (KeyError, ValueError, TypeError, AssertionError, NotImplementedError, RecursionError) as exc:
         raise ValueError(f"the JSON schema cannot be turned into a grammar: {exc}") from None
+    # llama-cpp-python's port lets a string hold raw control characters, which JSON forbids
+    # (json.loads fails on them); llama.cpp's converter excludes them (json-schema-to-grammar.cpp).
+    gbnf = gbnf.replace(_PORT_CHAR, _JSON_CHAR)
+    return gbnf.rstrip("\n") + "\n"
 
 
 def tool_call_schema(tools: Sequence[dict]) -> dict:

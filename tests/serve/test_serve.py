@@ -142,6 +142,18 @@ def test_json_schema_content_parses_and_validates(client):
     assert reply.choices[0].finish_reason == "stop"
 
 
+def test_json_schema_strings_hold_no_raw_control_characters(client):
+    """JSON forbids raw control characters (a newline too) inside strings; llama-cpp-python's port
+    of the converter allowed them, llama.cpp's does not. Every seed must give parseable JSON."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 12}}, "required": ["s"]}
+    for seed in range(12):
+        reply = client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=60, seed=seed, extra_body={"thinking_budget": 3},
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        content = reply.choices[0].message.content
+        assert isinstance(json.loads(content)["s"], str), (seed, content)
+
+
 def test_four_parallel_streams(client):
     results: dict[int, tuple] = {}
 
