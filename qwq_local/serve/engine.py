@@ -42,7 +42,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the queue removes it by identity
 class Job:
     """One generation: what to run on a slot's model, and where its events go.
 
@@ -59,9 +59,19 @@ class Job:
     # Set by the engine when its runner runs the job: how a wake-up of the event loop is
     # scheduled (SharedContext.defer); None wakes it at once.
     defer: Callable[[Callable[[], None]], None] | None = None
+    # Set by Engine.submit: frees the job's place in the queue if it still waits there (leave()).
+    withdraw: Callable[[], None] | None = None
     _items: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _waiter: asyncio.Future | None = None
+
+    def leave(self) -> None:
+        """The request is over (finished, failed, or its client went away): cancel what still
+        runs (the slot is freed within one decode step) and give up a place still held in the
+        queue at once, so that a client gone while waiting does not count against --queue."""
+        self.cancel.set()
+        if self.withdraw is not None:
+            self.withdraw()
 
     def put(self, item: Any) -> None:
         """From the slot's thread. The asyncio loop is woken only when `take` waits: events that
@@ -150,8 +160,16 @@ class Engine:
             free = any(not s.busy for s in self.slots)
             if not free and len(self._queue) >= self.queue_size:
                 raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self._queue)} requests wait")
+            job.withdraw = functools.partial(self._withdraw, job)
             self._queue.append(job)
             self._dispatch()
+
+    def _withdraw(self, job: Job) -> None:
+        with self._lock:
+            if job not in self._queue:
+                return
+            self._queue.remove(job)
+        job.put(None)
 
     def queue_depth(self) -> int:
         return len(self._queue)

@@ -232,9 +232,9 @@ async def collect(job: Job, is_disconnected) -> Any:
                 # Asking the ASGI server costs a receive() per call: a few times a second, not per token.
                 checked = time.monotonic()
                 if await is_disconnected():
-                    job.cancel.set()
+                    job.leave()
     finally:
-        job.cancel.set()  # no-op once finished; frees the slot if this request was cancelled
+        job.leave()  # no-op once finished; frees the slot or queue place if this request was cancelled
     if reply is not None and job.shutdown:
         raise APIError(503, "the server is shutting down", type="server_error", code="shutdown")
     return reply
@@ -332,7 +332,7 @@ async def stream_chat(job: Job, *, cid: str, model_id: str, created: int, includ
                 if include_usage:
                     yield chunk(cid, model_id, created, usage=usage_of(reply))
     finally:
-        job.cancel.set()
+        job.leave()
 
 
 async def stream_completion(job: Job, *, cid: str, model_id: str, created: int, include_usage: bool
@@ -348,4 +348,4 @@ async def stream_completion(job: Job, *, cid: str, model_id: str, created: int, 
                 if include_usage:
                     yield chunk(cid, model_id, created, usage=usage_of(event.reply), object="text_completion")
     finally:
-        job.cancel.set()
+        job.leave()

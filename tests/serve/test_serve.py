@@ -350,6 +350,31 @@ def test_api_key_queue_limit_and_clean_shutdown(tiny_gguf, no_end):
         srv.stop(signal.SIGKILL)
 
 
+def test_a_client_gone_while_queued_frees_its_queue_place(tiny_gguf, no_end):
+    srv = Server(tiny_gguf, "--queue", "1", "--alias", "tiny", "--ctx", "32768")
+    url = srv.url + "/v1/chat/completions"
+
+    def depth() -> float:
+        text = requests.get(srv.url + "/metrics").text
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("qwq_local_queue_depth ")))
+
+    long = {"model": "tiny", "messages": USER, "max_tokens": 30000, "stream": True, "logit_bias": no_end}
+    try:
+        busy = requests.post(url, json=long, stream=True, timeout=60)  # holds the only slot
+        lines = busy.iter_lines()  # kept: a dropped iterator closes the connection
+        assert next(lines)
+        queued = requests.post(url, json=long, stream=True, timeout=60)
+        assert wait_for(lambda: depth() == 1)
+        queued.close()  # the client goes away while it waits
+        assert wait_for(lambda: depth() == 0, timeout=5)
+        again = requests.post(url, json=long, stream=True, timeout=60)  # would be a 503 if the place were still held
+        assert again.status_code == 200 and wait_for(lambda: depth() == 1)
+        again.close()
+        busy.close()
+    finally:
+        srv.stop()
+
+
 def test_non_loopback_host_needs_a_key(tiny_gguf):
     from typer.testing import CliRunner
 
