@@ -194,12 +194,20 @@ def create_app(model: Any, config: ServeConfig | None = None):
         body, ctype = state.metrics.render()
         return Response(body, media_type=ctype)
 
+    def model_object() -> dict:
+        qwq, engine = ready()
+        return {"id": state.model_id, "object": "model", "created": 0, "owned_by": "qwq-local",
+                "context_length": qwq.n_ctx, "meta": {"n_ctx_per_slot": qwq.n_ctx, "slots": len(engine.slots)}}
+
     @app.get("/v1/models")
     async def models():
-        qwq, _ = ready()
-        return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": 0,
-                                            "owned_by": "qwq-local", "context_length": qwq.n_ctx,
-                                            "meta": {"n_ctx_per_slot": qwq.n_ctx, "slots": len(state.engine.slots)}}]}
+        return {"object": "list", "data": [model_object()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str):  # the openai client's models.retrieve
+        ready()
+        check_model(name)
+        return model_object()
 
     async def begin(body: Any, request: Request, prepare, stream, prefix: str):
         """Validate and queue a request (both completion routes); returns (model, id, created,

@@ -232,6 +232,9 @@ def test_completions_raw_prompt_and_models_and_health(client, server, no_end):
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 6
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"] and models[0].context_length == 2048
+    assert client.models.retrieve("tiny").context_length == 2048
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     assert requests.get(server.url + "/health").json() == {"status": "ok"}
     body = requests.get(server.url + "/metrics").text
     for name in ("qwq_local_requests_total", "qwq_local_completion_tokens_total", "qwq_local_queue_depth",
