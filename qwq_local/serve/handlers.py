@@ -50,6 +50,10 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
 def _sampling(req: Any, model: Any, answer: gbnf.AnswerGrammar | None) -> Sampling:
     if req.n is not None and req.n > 1:
         raise _bad("n > 1 is not supported: ask for one choice and send the request again", "n")
+    extra = req.model_extra or {}
+    for field in ("logprobs", "top_logprobs"):
+        if extra.get(field):  # accepted silently they would read as "no logprobs exist"
+            raise _bad(f"{field} is not supported by this server: drop it from the request", field)
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
         try:

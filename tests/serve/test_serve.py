@@ -269,6 +269,7 @@ def api_error(response: requests.Response, status: int) -> dict:
     ({"messages": USER, "stream": "yes"}, "stream"),  # strict types, as OpenAI: never coerced
     ({"messages": USER, "max_tokens": True}, "max_tokens"),
     ({"messages": USER, "max_tokens": "12"}, "max_tokens"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 2}, "logprobs"),
 ])
 def test_bad_parameters_are_400_error_objects(server, body, param):
     error = api_error(requests.post(server.url + "/v1/chat/completions", json=body), 400)
