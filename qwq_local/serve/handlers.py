@@ -84,7 +84,9 @@ def _sampling(req: Any, model: Any, answer: gbnf.AnswerGrammar | None) -> Sampli
 def _fits(model: Any, tokens: list[int], param: str) -> list[int]:
     if len(tokens) >= model.n_ctx:
         raise APIError(400, f"This model's context per slot is {model.n_ctx} tokens, but the prompt has "
-                            f"{len(tokens)} tokens; shorten the messages or start the server with a larger --ctx.",
+                            f"{len(tokens)} tokens, which leaves no room for the reply (at most "
+                            f"{model.n_ctx - 1} prompt tokens); shorten the messages or start the server with a "
+                            "larger --ctx.",
                        param=param, code="context_length_exceeded")
     return tokens
 
