@@ -246,7 +246,8 @@ def create_app(model: Any, config: ServeConfig | None = None):
             return reply
         text = qwq.detokenize(reply.tokens, special=False)  # as the stream shows it
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
-                "choices": [{"index": 0, "text": (body.prompt if body.echo else "") + text, "logprobs": None,
+                "choices": [{"index": 0, "logprobs": None,
+                             "text": (handlers.completion_prompt(body, qwq)[0] if body.echo else "") + text,
                              "finish_reason": handlers.finish_reason(reply)}],
                 "usage": handlers.usage_of(reply)}
 

@@ -160,16 +160,33 @@ def prepare_chat(req: ChatCompletionRequest, model: Any, *, special_in_content: 
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
+def completion_prompt(req: CompletionRequest, model: Any) -> tuple[str, list[int]]:
+    """(text, token ids) of a /v1/completions prompt: a string (special texts become their
+    tokens, as in llama-server) or token ids, alone or as a one-item list."""
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) > 1:
+            raise _bad("one prompt per request: several would be several choices (n > 1 is not supported)",
+                       "prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise _bad("prompt is empty", "prompt")
+    if isinstance(prompt, str):
+        try:
+            return prompt, model.tokenize(prompt)
+        except UsageError as exc:  # text that is not Unicode (a lone "\ud800" escape)
+            raise _bad(f"prompt: {exc}", "prompt") from None
+    bad = next((t for t in prompt if not 0 <= t < model.n_vocab), None)
+    if bad is not None:
+        raise _bad(f"prompt token {bad} is outside the vocabulary (0..{model.n_vocab - 1})", "prompt")
+    return model.detokenize(prompt), list(prompt)
+
+
 def prepare_completion(req: CompletionRequest, model: Any) -> Prepared:
     sampling = _sampling(req, model, None)
     options = {"sampling": sampling, "max_tokens": req.max_tokens, "stop": _stops(req.stop)}
-    if not req.prompt:
-        raise _bad("prompt is empty", "prompt")
-    try:
-        tokens = model.tokenize(req.prompt)  # a raw prompt: special texts are tokens, as in llama-server
-    except UsageError as exc:  # text that is not Unicode (a lone "\ud800" escape)
-        raise _bad(f"prompt: {exc}", "prompt") from None
-    return Prepared(req.prompt, _fits(model, tokens, "prompt"), options,
+    text, tokens = completion_prompt(req, model)
+    return Prepared(text, _fits(model, tokens, "prompt"), options,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 

@@ -110,7 +110,9 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`: a raw prompt, no template, no thought split."""
 
-    prompt: str
+    # A string or token ids, alone or as a one-item list (OpenAI's shapes; several prompts would
+    # be several choices, which n > 1 refuses too).
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
 
 

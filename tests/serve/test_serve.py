@@ -221,6 +221,22 @@ def test_control_tokens_show_no_text_streamed_or_not(client, tiny_gguf):
     assert chat.choices[0].message.content == "" and not chat.choices[0].message.reasoning_content
 
 
+def test_completions_take_token_ids_and_one_item_lists(client, server, tiny_gguf, no_end):
+    from qwq_local import QwQ
+
+    with QwQ.load(tiny_gguf, n_ctx=256, threads=1) as m:
+        ids = m.tokenize("Once upon a time")
+    args = {"model": "tiny", "max_tokens": 6, "temperature": 0, "logit_bias": no_end}
+    text = client.completions.create(prompt="Once upon a time", **args).choices[0].text
+    for prompt in (ids, [ids], ["Once upon a time"]):
+        assert client.completions.create(prompt=prompt, **args).choices[0].text == text, prompt
+    echoed = client.completions.create(prompt=ids, echo=True, **args).choices[0].text
+    assert echoed == "Once upon a time" + text
+    url = server.url + "/v1/completions"
+    for prompt in (["a", "b"], [ids, ids], [10**9], []):
+        assert api_error(requests.post(url, json={"model": "tiny", "prompt": prompt}), 400)["param"] == "prompt"
+
+
 def test_cors_is_off_by_default(server):
     r = requests.options(server.url + "/v1/chat/completions", headers={
         "Origin": "http://example.test", "Access-Control-Request-Method": "POST"})
