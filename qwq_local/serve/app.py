@@ -144,6 +144,11 @@ def create_app(model: Any, config: ServeConfig | None = None):
             return error_response(APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', 'invalid')}"))
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
+        ctype = request.headers.get("content-type", "")
+        if param is None and ctype and "json" not in ctype:  # curl -d without -H sends a form type
+            return error_response(APIError(400, f"the body must be JSON sent as Content-Type: application/json, "
+                                                f"not {ctype.split(';')[0]} (curl: add -H 'Content-Type: "
+                                                "application/json')"))
         what = "missing" if first.get("type") == "missing" else first.get("msg", "invalid")
         return error_response(APIError(400, f"{param or 'body'}: {what}", param=param))
 

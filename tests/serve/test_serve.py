@@ -300,6 +300,9 @@ def test_bad_input_statuses(server):
         "content-type": "application/json"}), 400)["message"]
     assert api_error(requests.post(url, json={"model": "gpt-4o", "messages": USER}), 404)["code"] == "model_not_found"
     api_error(requests.get(server.url + "/v1/nothing"), 404)
+    form = api_error(requests.post(url, data=json.dumps({"messages": USER}), headers={  # curl -d without -H
+        "content-type": "application/x-www-form-urlencoded"}), 400)
+    assert "Content-Type: application/json" in form["message"]
     api_error(requests.post(url, data=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"}), 413)
     long = [{"role": "user", "content": "word " * 5000}]
     error = api_error(requests.post(url, json={"messages": long}), 400)
