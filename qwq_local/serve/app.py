@@ -185,7 +185,7 @@ def create_app(model: Any, config: ServeConfig | None = None):
             raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_id!r} "
                                 "(GET /v1/models)", type="not_found_error", param="model", code="model_not_found")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: health checks such as curl -I
     async def health():
         if state.engine is not None:
             return {"status": "ok"}

@@ -252,6 +252,7 @@ def test_completions_raw_prompt_and_models_and_health(client, server, no_end):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
     assert requests.get(server.url + "/health").json() == {"status": "ok"}
+    assert requests.head(server.url + "/health").status_code == 200
     body = requests.get(server.url + "/metrics").text
     for name in ("qwq_local_requests_total", "qwq_local_completion_tokens_total", "qwq_local_queue_depth",
                  "qwq_local_kv_cells_used", "qwq_local_generation_tokens_per_second"):
