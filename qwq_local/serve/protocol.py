@@ -50,7 +50,7 @@ def error_body(exc: APIError) -> dict:
 class _Lenient(BaseModel):
     # Clients send fields this server does not use (user, store, metadata, ...): accept them.
     # Strict types, as OpenAI's API: "stream": "yes" or "max_tokens": true are 400s, not coerced.
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)  # NaN: "a finite number"
 
 
 class StreamOptions(_Lenient):

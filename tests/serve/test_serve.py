@@ -287,9 +287,11 @@ def api_error(response: requests.Response, status: int) -> dict:
     ({"messages": USER, "max_tokens": True}, "max_tokens"),
     ({"messages": USER, "max_tokens": "12"}, "max_tokens"),
     ({"messages": USER, "logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ({"messages": USER, "temperature": float("nan")}, "temperature"),  # sent as NaN, which Python's json writes
 ])
 def test_bad_parameters_are_400_error_objects(server, body, param):
-    error = api_error(requests.post(server.url + "/v1/chat/completions", json=body), 400)
+    error = api_error(requests.post(server.url + "/v1/chat/completions", data=json.dumps(body),
+                                    headers={"content-type": "application/json"}), 400)
     assert error["type"] == "invalid_request_error"
     if param:
         assert error["param"] == param or error["param"].startswith(param)
