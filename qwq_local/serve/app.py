@@ -214,19 +214,21 @@ def create_app(model: Any, config: ServeConfig | None = None):
         check_model(name)
         return model_object()
 
-    async def begin(body: Any, request: Request, prepare, stream, prefix: str):
+    async def begin(body: Any, request: Request, prepare, stream, prefix: str, texts: list[str] | None = None):
         """Validate and queue a request (both completion routes); returns (model, id, created,
-        reply), the last item an SSE response when the body asks to stream."""
+        reply), the last item an SSE response when the body asks to stream; texts: see
+        handlers.collect."""
         qwq, engine = ready()
         check_model(body.model)
         prepared = await asyncio.to_thread(prepare, body, qwq)
         job = handlers.submit(engine, prepared)
         cid, created = completion_id(prefix), now()
         if body.stream:
+            extra = {"echo": prepared.echo} if prepared.echo else {}
             events = stream(job, cid=cid, model_id=state.model_id, created=created,
-                            include_usage=prepared.include_usage)
+                            include_usage=prepared.include_usage, **extra)
             return qwq, cid, created, EventSourceResponse(_sse(events), ping=constants.SERVE_SSE_PING_S)
-        reply = await handlers.collect(job, request.is_disconnected)
+        reply = await handlers.collect(job, request.is_disconnected, texts)
         if reply is None:  # cancelled before it started (the client went away)
             raise APIError(499 if await request.is_disconnected() else 503, "request cancelled",
                            type="server_error")
@@ -245,14 +247,14 @@ def create_app(model: Any, config: ServeConfig | None = None):
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        texts: list[str] = []  # what a stream of this request would send, stop strings cut
         qwq, cid, created, reply = await begin(body, request, handlers.prepare_completion,
-                                               handlers.stream_completion, "cmpl")
+                                               handlers.stream_completion, "cmpl", texts)
         if body.stream:
             return reply
-        text = qwq.detokenize(reply.tokens, special=False)  # as the stream shows it
+        echo = handlers.completion_prompt(body, qwq)[0] if body.echo else ""
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
-                "choices": [{"index": 0, "logprobs": None,
-                             "text": (handlers.completion_prompt(body, qwq)[0] if body.echo else "") + text,
+                "choices": [{"index": 0, "logprobs": None, "text": echo + "".join(texts),
                              "finish_reason": handlers.finish_reason(reply)}],
                 "usage": handlers.usage_of(reply)}
 

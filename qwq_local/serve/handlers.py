@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -41,6 +40,7 @@ class Prepared:
     tokens: list[int]
     options: dict
     include_usage: bool = False
+    echo: str = ""  # /v1/completions with echo: the prompt text, sent before the completion
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -187,7 +187,8 @@ def prepare_completion(req: CompletionRequest, model: Any) -> Prepared:
     options = {"sampling": sampling, "max_tokens": req.max_tokens, "stop": _stops(req.stop)}
     text, tokens = completion_prompt(req, model)
     return Prepared(text, _fits(model, tokens, "prompt"), options,
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                    echo=text if req.echo else "")
 
 
 def submit(engine: Engine, prepared: Prepared) -> Job:
@@ -243,20 +244,28 @@ def _error(exc: BaseException) -> BaseException:
     return exc
 
 
-async def collect(job: Job, is_disconnected) -> Any:
-    """The reply of a non-streamed request; the job is cancelled if the client goes away."""
+async def collect(job: Job, is_disconnected, texts: list[str] | None = None) -> Any:
+    """The reply of a non-streamed request. texts: when given, gets the text of every thought and
+    answer event, which is what a stream of the same request sends. The job is cancelled, or
+    leaves the queue, when the client goes away: that is checked a few times a second (each
+    check costs the ASGI server a receive()), also while the job waits for a slot."""
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(constants.SERVE_DISCONNECT_CHECK_S)
+            if await is_disconnected():
+                job.leave()
+                return
+
+    watcher = asyncio.create_task(watch())
     reply = None
-    checked = time.monotonic()
     try:
         async for event in _events(job):
             if event.kind == "done":
                 reply = event.reply
-            elif time.monotonic() - checked > constants.SERVE_DISCONNECT_CHECK_S:
-                # Asking the ASGI server costs a receive() per call: a few times a second, not per token.
-                checked = time.monotonic()
-                if await is_disconnected():
-                    job.leave()
+            elif texts is not None and event.kind in ("thinking", "content"):
+                texts.append(event.text)
     finally:
+        watcher.cancel()
         job.leave()  # no-op once finished; frees the slot or queue place if this request was cancelled
     if reply is not None and job.shutdown:
         raise APIError(503, "the server is shutting down", type="server_error", code="shutdown")
@@ -358,10 +367,13 @@ async def stream_chat(job: Job, *, cid: str, model_id: str, created: int, includ
         job.leave()
 
 
-async def stream_completion(job: Job, *, cid: str, model_id: str, created: int, include_usage: bool
-                            ) -> AsyncIterator[dict]:
-    """`text_completion` chunks of a raw prompt (thought and answer text alike)."""
+async def stream_completion(job: Job, *, cid: str, model_id: str, created: int, include_usage: bool,
+                            echo: str = "") -> AsyncIterator[dict]:
+    """`text_completion` chunks of a raw prompt (thought and answer text alike), after the
+    prompt's own text when `echo` holds it."""
     try:
+        if echo:
+            yield chunk(cid, model_id, created, delta={"content": echo}, object="text_completion")
         async for event in _events(job):
             if event.kind in ("thinking", "content"):
                 yield chunk(cid, model_id, created, delta={"content": event.text}, object="text_completion")

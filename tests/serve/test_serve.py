@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 
 import requests
@@ -237,6 +238,18 @@ def test_completions_take_token_ids_and_one_item_lists(client, server, tiny_gguf
         assert api_error(requests.post(url, json={"model": "tiny", "prompt": prompt}), 400)["param"] == "prompt"
 
 
+def test_completions_stop_and_echo_are_the_same_streamed_or_not(client, no_end):
+    args = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "logit_bias": no_end}
+    full = client.completions.create(**args).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip() and full.index(stop) > 0, full
+    whole = client.completions.create(stop=[stop], echo=True, **args).choices[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=[stop], echo=True, stream=True,
+                                                                             **args) if c.choices)
+    assert whole.text == streamed == "Once upon a time" + full[:full.index(stop)]
+    assert whole.finish_reason == "stop"
+
+
 def test_cors_is_off_by_default(server):
     r = requests.options(server.url + "/v1/chat/completions", headers={
         "Origin": "http://example.test", "Access-Control-Request-Method": "POST"})
@@ -396,6 +409,15 @@ def test_a_client_gone_while_queued_frees_its_queue_place(tiny_gguf, no_end):
         again = requests.post(url, json=long, stream=True, timeout=60)  # would be a 503 if the place were still held
         assert again.status_code == 200 and wait_for(lambda: depth() == 1)
         again.close()
+        assert wait_for(lambda: depth() == 0, timeout=5)
+        # A non-streamed request whose client leaves while it waits: nothing streams to notice it.
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = json.dumps({**long, "stream": False}).encode()
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            assert wait_for(lambda: depth() == 1)
+        assert wait_for(lambda: depth() == 0, timeout=5)
         busy.close()
     finally:
         srv.stop()
