@@ -215,8 +215,8 @@ def create_app(model: Any, config: ServeConfig | None = None):
         return model_object()
 
     async def begin(body: Any, request: Request, prepare, stream, prefix: str, texts: list[str] | None = None):
-        """Validate and queue a request (both completion routes); returns (model, id, created,
-        reply), the last item an SSE response when the body asks to stream; texts: see
+        """Validate and queue a request (both completion routes); returns (prepared request, id,
+        created, reply), the last item an SSE response when the body asks to stream; texts: see
         handlers.collect."""
         qwq, engine = ready()
         check_model(body.model)
@@ -227,12 +227,12 @@ def create_app(model: Any, config: ServeConfig | None = None):
             extra = {"echo": prepared.echo} if prepared.echo else {}
             events = stream(job, cid=cid, model_id=state.model_id, created=created,
                             include_usage=prepared.include_usage, **extra)
-            return qwq, cid, created, EventSourceResponse(_sse(events), ping=constants.SERVE_SSE_PING_S)
+            return prepared, cid, created, EventSourceResponse(_sse(events), ping=constants.SERVE_SSE_PING_S)
         reply = await handlers.collect(job, request.is_disconnected, texts)
         if reply is None:  # cancelled before it started (the client went away)
             raise APIError(499 if await request.is_disconnected() else 503, "request cancelled",
                            type="server_error")
-        return qwq, cid, created, reply
+        return prepared, cid, created, reply
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -248,13 +248,12 @@ def create_app(model: Any, config: ServeConfig | None = None):
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         texts: list[str] = []  # what a stream of this request would send, stop strings cut
-        qwq, cid, created, reply = await begin(body, request, handlers.prepare_completion,
-                                               handlers.stream_completion, "cmpl", texts)
+        prepared, cid, created, reply = await begin(body, request, handlers.prepare_completion,
+                                                    handlers.stream_completion, "cmpl", texts)
         if body.stream:
             return reply
-        echo = handlers.completion_prompt(body, qwq)[0] if body.echo else ""
         return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
-                "choices": [{"index": 0, "logprobs": None, "text": echo + "".join(texts),
+                "choices": [{"index": 0, "logprobs": None, "text": prepared.echo + "".join(texts),
                              "finish_reason": handlers.finish_reason(reply)}],
                 "usage": handlers.usage_of(reply)}
 

@@ -160,7 +160,7 @@ def prepare_chat(req: ChatCompletionRequest, model: Any, *, special_in_content: 
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
-def completion_prompt(req: CompletionRequest, model: Any) -> tuple[str, list[int]]:
+def _completion_prompt(req: CompletionRequest, model: Any) -> tuple[str, list[int]]:
     """(text, token ids) of a /v1/completions prompt: a string (special texts become their
     tokens, as in llama-server) or token ids, alone or as a one-item list."""
     prompt = req.prompt
@@ -185,7 +185,7 @@ def completion_prompt(req: CompletionRequest, model: Any) -> tuple[str, list[int
 def prepare_completion(req: CompletionRequest, model: Any) -> Prepared:
     sampling = _sampling(req, model, None)
     options = {"sampling": sampling, "max_tokens": req.max_tokens, "stop": _stops(req.stop)}
-    text, tokens = completion_prompt(req, model)
+    text, tokens = _completion_prompt(req, model)
     return Prepared(text, _fits(model, tokens, "prompt"), options,
                     include_usage=bool(req.stream_options and req.stream_options.include_usage),
                     echo=text if req.echo else "")
