@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from .. import constants
 from ..runtime.decode import Cancel
+from .wakeup import LoopWaker
 
 log = logging.getLogger("qwq_local.serve")
 
@@ -64,6 +65,7 @@ class Job:
     _items: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _waiter: asyncio.Future | None = None
+    _waker: LoopWaker | None = None  # set by the first `take`, on the loop's thread
 
     def leave(self) -> None:
         """The request is over (finished, failed, or its client went away): cancel what still
@@ -88,7 +90,7 @@ class Job:
 
     def _wake(self, waiter: asyncio.Future) -> None:
         try:
-            self.loop.call_soon_threadsafe(_resolve, waiter)
+            self._waker.wake(waiter)
         except RuntimeError:  # the event loop already closed (server shutdown)
             pass
 
@@ -99,6 +101,8 @@ class Job:
                 if self._items:
                     items, self._items = self._items, []
                     return items
+                if self._waker is None:
+                    self._waker = LoopWaker.of(self.loop)
                 self._waiter = waiter = self.loop.create_future()
             await waiter
 
@@ -106,11 +110,6 @@ class Job:
 def _runs(indices: set[int]) -> int:
     """How many runs of consecutive integers `indices` makes ({0, 1, 3}: 2)."""
     return sum(1 for i in indices if i - 1 not in indices)
-
-
-def _resolve(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class Slot:
