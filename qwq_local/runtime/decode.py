@@ -9,10 +9,11 @@ a handful of local-variable operations, so a token costs microseconds on top of 
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from .. import constants
 from ..backend.binding import through_guard
@@ -218,14 +219,37 @@ class LoopState:
     draft_accepted_tokens: int = 0  # of those, the ones verification kept
 
 
+def close_thought(ctx, state: LoopState, utf8, feed, close_tokens: Sequence[int], close_text: str, n_ctx: int,
+                  accept: Callable[[int], None] | None) -> Iterator[tuple[str, str]]:
+    """Close the thought for the model (its thinking budget is spent, or it ended its turn
+    inside the thought while an answer grammar waits): decode the closing tokens and feed their
+    text. accept(token) tells the sampler chain about each (None for a grammar that would reject
+    text it did not produce). Returns (as a generator's value) False, with finish_reason
+    "length", when the closing text does not fit the context."""
+    if ctx.n_past + len(close_tokens) >= n_ctx:
+        state.finish_reason = "length"
+        return False
+    ctx.decode(list(close_tokens))
+    state.decoded.extend(close_tokens)
+    state.injected_tokens += len(close_tokens)
+    if accept is not None:
+        for t in close_tokens:
+            accept(t)
+    tail = utf8.decode(b"", final=True)
+    yield from feed(tail + close_text)
+    return True
+
+
 def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset[int],
              max_tokens: int | None, thinking_budget: int | None, close_tokens: Sequence[int],
-             close_text: str, cancel: Cancel | None, n_ctx: int, accept_injected: bool = True
-             ) -> Iterator[tuple[str, str]]:
+             close_text: str, cancel: Cancel | None, n_ctx: int, accept_injected: bool = True,
+             close_at_end: bool = False) -> Iterator[tuple[str, str]]:
     """Sample, decode and split until a stop; yields (kind, text) pieces as they complete.
 
     The prompt's logits must be ready in ctx. Every sampled token except the final stop token
-    goes into the KV cache, so a follow-up turn can reuse it.
+    goes into the KV cache, so a follow-up turn can reuse it. close_at_end: a stop token sampled
+    inside the thought closes the thought instead (close_thought), once, so that an answer
+    grammar that starts after it (tool_choice required, response_format) still gets its answer.
     """
     model = ctx.model
     pieces = model._output_cache  # what a generated token shows (Model.output_bytes)
@@ -244,6 +268,7 @@ def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset
     budget = thinking_budget if thinking_budget is not None else -1
     thinking = 0
     cancelled = cancel.is_set if cancel is not None else None
+    accept = functools.partial(lib.llama_sampler_accept, chain) if accept_injected else None
     started = time.perf_counter()
     try:
         while True:
@@ -252,6 +277,13 @@ def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset
                 break
             tok = sample(chain, ctx_ptr, ctx.out_index)
             if tok in stop_ids or is_eog(vocab, tok):
+                if close_at_end and splitter.in_thinking:
+                    close_at_end = False  # once
+                    # An empty thought gets no empty line (as thinking_budget 0's inject_close).
+                    text = close_text if tokens else close_text.lstrip("\n")
+                    if (yield from close_thought(ctx, state, utf8, feed, close_tokens, text, n_ctx, accept)):
+                        continue
+                    break
                 state.finish_reason = "stop"
                 break
             tokens.append(tok)
@@ -276,18 +308,8 @@ def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset
             if thinking == budget and splitter.in_thinking:
                 # Budget spent inside the thought: close it ourselves and let the model answer.
                 budget = -1
-                if ctx.n_past + len(close_tokens) >= n_ctx:
-                    state.finish_reason = "length"
+                if not (yield from close_thought(ctx, state, utf8, feed, close_tokens, close_text, n_ctx, accept)):
                     break
-                ctx.decode(list(close_tokens))
-                decoded.extend(close_tokens)
-                state.injected_tokens += len(close_tokens)
-                if accept_injected:  # a grammar sampler would reject text it did not produce
-                    for t in close_tokens:
-                        lib.llama_sampler_accept(chain, t)
-                tail = utf8.decode(b"", final=True)
-                for part in feed(tail + close_text):
-                    yield part
         tail = utf8.decode(b"", final=True)
         if tail:
             for part in feed(tail):

@@ -395,6 +395,9 @@ class QwQ:
                     yield from inject_close(lib, ctx, chain, splitter, self._close_tokens, state, thinking_parts,
                                             accept=not sampling.grammar or sampling.lazy_grammar)
             accept_injected = not sampling.grammar or sampling.lazy_grammar
+            # A grammar that starts after the thought asks for an answer: a turn the model ends
+            # inside its thought gets the thought closed for it, as a spent thinking budget does.
+            close_at_end = sampling.lazy_grammar
             if spec is not None and not no_room:
                 from .speculative_loop import run_speculative_loop
 
@@ -403,13 +406,13 @@ class QwQ:
                     history=tokens + state.decoded, stop_ids=self._stop_ids, max_tokens=max_tokens,
                     thinking_budget=budget, close_tokens=self._close_tokens,
                     close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
-                    accept_injected=accept_injected)
+                    accept_injected=accept_injected, close_at_end=close_at_end)
             else:
                 loop = ((kind, text) for kind, text in ()) if no_room else (
                         run_loop(lib, ctx, chain, state, splitter, stop_ids=self._stop_ids, max_tokens=max_tokens,
                                  thinking_budget=budget, close_tokens=self._close_tokens,
                                  close_text=constants.THINKING_CLOSE_TEXT, cancel=cancel, n_ctx=self.n_ctx,
-                                 accept_injected=accept_injected))
+                                 accept_injected=accept_injected, close_at_end=close_at_end))
             hold = max((len(s) for s in stops), default=1) - 1
             pending = ""  # answer text held back while it could be the start of a stop string
             stopped = False

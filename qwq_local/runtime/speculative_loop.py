@@ -17,20 +17,20 @@ import codecs
 import time
 from typing import Iterator, Sequence
 
-from .decode import Cancel, LoopState
+from .decode import Cancel, LoopState, close_thought
 
-_GO, _STOP = 0, 1
+_GO, _STOP, _CLOSE = 0, 1, 2
 
 
 def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitter, *, history: Sequence[int],
                          stop_ids: frozenset[int], max_tokens: int | None, thinking_budget: int | None,
                          close_tokens: Sequence[int], close_text: str, cancel: Cancel | None, n_ctx: int,
-                         accept_injected: bool = True) -> Iterator[tuple[str, str]]:
+                         accept_injected: bool = True, close_at_end: bool = False) -> Iterator[tuple[str, str]]:
     """Draw, verify, decode and split until a stop; yields (kind, text) pieces as they complete.
 
     history: every token in ctx's KV cache (prompt and anything injected after it), whose last
     logits must be ready. sampler: a speculative.TargetSampler on this request's chain.
-    accept_injected as in decode.run_loop. `cancel` is checked once per round (a round emits
+    accept_injected and close_at_end as in decode.run_loop. `cancel` is checked once per round (a round emits
     one or more tokens).
     """
     model = ctx.model
@@ -51,9 +51,13 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
     clock = time.perf_counter
 
     def take(tok: int):
-        """Emit one drawn token (decode.run_loop's per-token steps); returns _GO or _STOP."""
-        nonlocal thinking
+        """Emit one drawn token (decode.run_loop's per-token steps); returns _GO, _STOP, or
+        _CLOSE (a stop token inside the thought, with close_at_end: close the thought instead)."""
+        nonlocal thinking, close_at_end
         if tok in stop_ids or is_eog(vocab, tok):
+            if close_at_end and splitter.in_thinking:
+                close_at_end = False  # once
+                return _CLOSE
             state.finish_reason = "stop"
             return _STOP
         tokens.append(tok)
@@ -74,6 +78,17 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
     def budget_spent() -> bool:
         return thinking == budget and splitter.in_thinking
 
+    accept = sampler.accept if accept_injected else None
+
+    def close():
+        """decode.close_thought, and the drafter learns the closing tokens. An empty thought
+        gets no empty line (as decode.run_loop)."""
+        text = close_text if tokens else close_text.lstrip("\n")
+        if not (yield from close_thought(ctx, state, utf8, feed, close_tokens, text, n_ctx, accept)):
+            return False
+        drafter.extend(close_tokens)
+        return True
+
     # The KV cache must hold history + what `decoded` gains, also when the caller closes this
     # generator in the middle of a round (a stop string found in a kept proposal).
     kv_base = len(history) - len(decoded)
@@ -86,8 +101,14 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
             if cancelled is not None and cancelled():
                 state.finish_reason = "interrupted"
                 break
-            if (yield from take(pending)) == _STOP:
+            step = yield from take(pending)
+            if step == _STOP:
                 break
+            if step == _CLOSE:  # `pending` ended the turn inside the thought: it is not decoded
+                if not (yield from close()):
+                    break
+                pending = sampler.sample(-1)
+                continue
             if ctx.n_past >= n_ctx:
                 state.finish_reason = "length"
                 break
@@ -123,8 +144,12 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
                         nxt = tok
                         break
                     kept += 1
-                    if (yield from take(x)) == _STOP:
+                    step = yield from take(x)
+                    if step == _STOP:
                         stop = True
+                        break
+                    if step == _CLOSE:  # dropped by the truncation below, then the thought is closed
+                        spent = True
                         break
                     decoded.append(x)
                     appended += 1
@@ -145,8 +170,7 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
                     break
             if spent:  # the thinking budget ran out: close the thought for the model, then go on
                 budget = -1
-                if not (yield from _inject(ctx, sampler, drafter, state, utf8, feed, close_tokens,
-                                           close_text, n_ctx, accept_injected)):
+                if not (yield from close()):
                     break
                 nxt = -1
             pending = sampler.sample(-1) if nxt < 0 else nxt
@@ -159,22 +183,3 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
             ctx.truncate(kv_base + len(decoded))
         state.thinking_tokens = thinking
         state.gen_seconds = clock() - started
-
-
-def _inject(ctx, sampler, drafter, state: LoopState, utf8, feed, close_tokens: Sequence[int], close_text: str,
-            n_ctx: int, accept_injected: bool):
-    """Close the thought for the model once the thinking budget is spent (as decode.run_loop);
-    returns False (finish_reason "length") when the closing text does not fit the context."""
-    if ctx.n_past + len(close_tokens) >= n_ctx:
-        state.finish_reason = "length"
-        return False
-    ctx.decode(list(close_tokens))
-    state.decoded.extend(close_tokens)
-    state.injected_tokens += len(close_tokens)
-    if accept_injected:  # a grammar sampler would reject text it did not produce
-        for t in close_tokens:
-            sampler.accept(t)
-    drafter.extend(close_tokens)
-    tail = utf8.decode(b"", final=True)
-    yield from feed(tail + close_text)
-    return True

@@ -201,6 +201,51 @@ def test_a_grammar_checks_the_proposals(sharp_gguf, plain):
         m.close()
 
 
+def _answer_sampling(m, eog_boost: float):
+    """A lazy answer grammar after the thought (as the server's tool_choice / response_format);
+    eog_boost pushes every end token up, so that the model ends its turn inside the thought."""
+    from qwq_local.runtime.decode import Sampling
+    from qwq_local.serve.grammar import answer_grammar
+
+    g = answer_grammar('digits ::= [0-9]{1,4}\n', "digits", in_thought=True, close_tokens=m.think_close_tokens)
+    return Sampling(temperature=0.0, grammar=g.gbnf, grammar_trigger_tokens=g.trigger_tokens,
+                    grammar_trigger_patterns=g.trigger_patterns,
+                    logit_bias={t: eog_boost for t in m.eog_bias()} if eog_boost else None)
+
+
+# At once (a boosted end token is the first draw), or after 25 thought tokens where greedy
+# decoding of this model ends by itself: there a self-draft of 3 tokens a round proposes that end
+# token and verification keeps it (the proposal path of the speculative loop).
+ENDS = [pytest.param(USER, 1e4, id="at-once"), pytest.param([{"role": "user", "content": "Write a poem"}], 0.0,
+                                                             id="after-25")]
+
+
+@pytest.mark.parametrize("messages,boost", ENDS)
+def test_an_end_inside_the_thought_closes_it_when_an_answer_grammar_waits(sharp_gguf, plain, messages, boost):
+    """The model ends its turn inside the thought; with an answer grammar after the thought the
+    runtime closes the thought for it (as a spent thinking budget does) and the grammar's
+    answer follows, with or without speculation. Without a grammar the turn just ends there."""
+    close = len(plain.tokenize(constants.THINKING_CLOSE_TEXT))
+    replies = []
+    for m in (plain, load(sharp_gguf, sharp_gguf, fixed=True, draft_max=3)):
+        try:
+            events = list(m.stream_prompt(m.render_prompt(messages), sampling=_answer_sampling(m, boost),
+                                          max_tokens=60))
+            replies.append(events[-1].reply)
+            assert m._ctx.n_past == len(m._cached) > 0
+        finally:
+            if m is not plain:
+                m.close()
+    ref, spec = replies
+    assert re.fullmatch(r"[0-9]{1,4}", ref.content) and ref.finish_reason == "stop", (ref.thinking, ref.content)
+    assert ref.usage["injected_tokens"] == close
+    assert not ref.thinking.startswith("\n")  # an empty thought is "", not an empty line
+    assert (spec.tokens, spec.thinking, spec.content) == (ref.tokens, ref.thinking, ref.content)
+    assert spec.usage["injected_tokens"] == close
+    bare = greedy(plain, messages, max_tokens=60, logit_bias={t: boost for t in plain.eog_bias()} if boost else None)
+    assert bare.content == "" and bare.finish_reason == "stop" and bare.usage["injected_tokens"] == 0
+
+
 def test_sampling_at_a_fixed_seed_equals_plain_decoding(sharp_gguf, plain):
     """Every emitted token is one draw of the request's chain, in plain decoding's order."""
     m = load(sharp_gguf, sharp_gguf, fixed=True)

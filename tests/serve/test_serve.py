@@ -155,6 +155,32 @@ def test_json_schema_strings_hold_no_raw_control_characters(client):
         assert isinstance(json.loads(content)["s"], str), (seed, content)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_turn_ended_inside_the_thought_still_gets_its_json_answer(client, tiny_gguf, stream):
+    """Every end token pushed up: the model ends its turn inside the thought at once. With
+    response_format the server closes the thought for it and the JSON follows (it used to
+    answer with empty content); without, the turn ends there."""
+    from qwq_local import QwQ
+
+    with QwQ.load(tiny_gguf, n_ctx=256, threads=1) as m:
+        end_first = {str(t): 100 for t in m.eog_bias()}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    body = dict(model="tiny", messages=USER, max_tokens=40, seed=1, logit_bias=end_first)
+    if stream:
+        chunks = list(client.chat.completions.create(
+            **body, stream=True, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        reply = client.chat.completions.create(
+            **body, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        content, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+        assert reply.choices[0].message.reasoning_content == ""
+    assert isinstance(json.loads(content)["ok"], bool) and finish == "stop"
+    bare = client.chat.completions.create(**body)
+    assert bare.choices[0].message.content == "" and bare.usage.completion_tokens == 0
+
+
 def test_four_parallel_streams(client):
     results: dict[int, tuple] = {}
 
