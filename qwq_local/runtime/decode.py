@@ -225,7 +225,10 @@ def close_thought(ctx, state: LoopState, utf8, feed, close_tokens: Sequence[int]
     inside the thought while an answer grammar waits): decode the closing tokens and feed their
     text. accept(token) tells the sampler chain about each (None for a grammar that would reject
     text it did not produce). Returns (as a generator's value) False, with finish_reason
-    "length", when the closing text does not fit the context."""
+    "length", when the closing text does not fit the context. An empty thought (nothing
+    generated yet) gets no empty line, as thinking_budget 0's inject_close."""
+    if not state.tokens:
+        close_text = close_text.lstrip("\n")
     if ctx.n_past + len(close_tokens) >= n_ctx:
         state.finish_reason = "length"
         return False
@@ -279,9 +282,7 @@ def run_loop(lib, ctx, chain, state: LoopState, splitter, *, stop_ids: frozenset
             if tok in stop_ids or is_eog(vocab, tok):
                 if close_at_end and splitter.in_thinking:
                     close_at_end = False  # once
-                    # An empty thought gets no empty line (as thinking_budget 0's inject_close).
-                    text = close_text if tokens else close_text.lstrip("\n")
-                    if (yield from close_thought(ctx, state, utf8, feed, close_tokens, text, n_ctx, accept)):
+                    if (yield from close_thought(ctx, state, utf8, feed, close_tokens, close_text, n_ctx, accept)):
                         continue
                     break
                 state.finish_reason = "stop"

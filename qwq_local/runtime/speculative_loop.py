@@ -81,10 +81,8 @@ def run_speculative_loop(lib, ctx, speculator, sampler, state: LoopState, splitt
     accept = sampler.accept if accept_injected else None
 
     def close():
-        """decode.close_thought, and the drafter learns the closing tokens. An empty thought
-        gets no empty line (as decode.run_loop)."""
-        text = close_text if tokens else close_text.lstrip("\n")
-        if not (yield from close_thought(ctx, state, utf8, feed, close_tokens, text, n_ctx, accept)):
+        """decode.close_thought, and the drafter learns the closing tokens."""
+        if not (yield from close_thought(ctx, state, utf8, feed, close_tokens, close_text, n_ctx, accept)):
             return False
         drafter.extend(close_tokens)
         return True
